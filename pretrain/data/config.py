@@ -1,0 +1,126 @@
+"""The `data:` section of a stage config: a plain dataclass tree, built from the YAML dict with `DataConfig(**section)`."""
+from dataclasses import dataclass, field, fields
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+TASKS = ("image-text", "classification")
+
+
+def _coerce(cls, value, where: str):
+    """A nested section given as a dict becomes its dataclass; unknown keys are an error that names them."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise TypeError(f"{where}: expected a mapping, got {type(value).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+    return cls(**value)
+
+
+@dataclass
+class Source:
+    """One set of training shards."""
+
+    shards: str
+    """Brace pattern, '::'-joined list, local path or URL (`pipe:aws s3 cp s3://b/{00000..00999}.tar -`, http://)."""
+    weight: float = 1.0
+    """Relative sampling weight when several sources are mixed; normalised over the sources."""
+
+    def __post_init__(self):
+        if not self.shards:
+            raise ValueError("data.train: a source needs `shards`")
+        if not self.weight > 0:
+            raise ValueError(f"data.train: weight of {self.shards!r} must be > 0, got {self.weight}")
+
+
+@dataclass
+class Augment:
+    """Image augmentation. Pretraining uses the crop and flip; fine-tuning may add timm's RandAugment and mixup/cutmix."""
+
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    """Area range of RandomResizedCrop, as a fraction of the image."""
+    hflip: float = 0.5
+    """Probability of a horizontal flip."""
+    randaugment: str | None = None
+    """timm RandAugment config string, e.g. "rand-m9-mstd0.5-inc1" (classification only)."""
+    mixup: float = 0.0
+    """Mixup alpha; > 0 enables mixup (classification only, applied on batches by the trainer, see build_mixup)."""
+    cutmix: float = 0.0
+    """CutMix alpha; > 0 enables cutmix (classification only)."""
+    mix_prob: float = 1.0
+    """Probability of applying mixup or cutmix to a batch."""
+    switch_prob: float = 0.5
+    """Probability of cutmix instead of mixup when both are enabled."""
+    label_smoothing: float = 0.0
+    """Label smoothing; folded into the soft targets when mixup/cutmix is on, else the trainer's cross-entropy uses it."""
+    eval_crop_pct: float = 0.875
+    """Evaluation resizes the short side to image_size / eval_crop_pct, then centre-crops image_size."""
+    mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
+    std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
+
+    def __post_init__(self):
+        self.crop_scale, self.mean, self.std = tuple(self.crop_scale), tuple(self.mean), tuple(self.std)
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"data.augment.crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+        for name in ("hflip", "mix_prob", "switch_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"data.augment.{name} is a probability, got {getattr(self, name)}")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise ValueError("data.augment.mixup and cutmix are Beta alphas and must be >= 0")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"data.augment.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.randaugment is not None and not self.randaugment.startswith("rand"):
+            raise ValueError(f"data.augment.randaugment must be a timm 'rand-...' string, got {self.randaugment!r}")
+        if not 0 < self.eval_crop_pct <= 1:
+            raise ValueError(f"data.augment.eval_crop_pct must be in (0, 1], got {self.eval_crop_pct}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError("data.augment.mean and std need three values (RGB)")
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how samples become batches. Every random stream derives from the run seed."""
+
+    task: str = "image-text"
+    """"image-text" (KEY.jpg/png/webp + KEY.txt, img2dataset's layout) or "classification" (KEY.jpg + KEY.cls)."""
+    train: list[Source] = field(default_factory=list)
+    """Training sources, mixed per sample by weight."""
+    val: str | None = None
+    """Evaluation shards (pattern or URL); each sample is seen once across ranks."""
+    demo_root: str | None = None
+    """If set, the digits demo shards are built there on first use and fill `train`/`val` when those are empty."""
+    samples_per_epoch: int | None = None
+    """Samples per epoch over all ranks; None reads sizes.json or img2dataset's *_stats.json next to local shards."""
+    resampled: bool = True
+    """Draw shards with replacement (pretraining); False splits a shuffled shard list over ranks and workers."""
+    workers: int = 4
+    """DataLoader worker processes per rank."""
+    image_size: int = 224
+    context_length: int = 77
+    """Caption length in tokens (CLIP BPE)."""
+    shuffle_buffer: int = 5000
+    """Samples held by the per-worker shuffle buffer."""
+    augment: Augment = field(default_factory=Augment)
+
+    def __post_init__(self):
+        self.train = [_coerce(Source, s, "data.train[]") for s in self.train]
+        self.augment = _coerce(Augment, self.augment, "data.augment")
+        if self.task not in TASKS:
+            raise ValueError(f"data.task must be one of {TASKS}, got {self.task!r}")
+        if not self.train and self.demo_root is None:
+            raise ValueError("data.train needs at least one source (or set data.demo_root)")
+        if self.samples_per_epoch is not None and self.samples_per_epoch <= 0:
+            raise ValueError(f"data.samples_per_epoch must be > 0, got {self.samples_per_epoch}")
+        if self.workers < 0 or self.image_size <= 0 or self.context_length <= 0 or self.shuffle_buffer <= 0:
+            raise ValueError("data.workers must be >= 0; image_size, context_length, shuffle_buffer must be > 0")
+        augment = self.augment
+        if self.task == "image-text" and (augment.randaugment or augment.mixup or augment.cutmix):
+            raise ValueError("data.augment.randaugment/mixup/cutmix apply to classification only")
+
+
+def data_config_from_dict(section: dict) -> DataConfig:
+    """Build the config from the YAML `data:` mapping, naming any unknown key."""
+    return _coerce(DataConfig, section, "data")

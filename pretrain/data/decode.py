@@ -1,0 +1,90 @@
+"""One raw sample (a dict of member bytes) -> tensors, or a `Skip` naming why it cannot be used.
+
+Only the members named in WANTED_MEMBERS are ever read from a tar, and they are decoded here as images, UTF-8 text or
+integers: a shard is untrusted input, so nothing is unpickled (webdataset's default decoders would unpickle .pyd).
+"""
+import io
+
+import torch
+from PIL import Image
+from webdataset.tariterators import base_plus_ext
+
+from pretrain.data import stats
+from pretrain.data.rng import seeded_global_rngs
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+WANTED_MEMBERS = frozenset(IMAGE_EXTENSIONS + ("txt", "cls"))
+NO_LABEL = -1  # image-text evaluation samples without KEY.cls
+
+
+class Skip(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def is_wanted_member(name: str) -> bool:
+    """Select tar members by extension, case-insensitively, as webdataset groups them."""
+    extension = base_plus_ext(name)[1]
+    return extension is not None and extension.lower() in WANTED_MEMBERS
+
+
+def read_image(sample: dict) -> Image.Image:
+    data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+    if data is None:
+        raise Skip(stats.MISSING_IMAGE)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")  # decodes fully, so a truncated file fails here, not in a transform
+    except Exception as error:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError... on bad bytes
+        raise Skip(stats.BAD_IMAGE) from error
+
+
+def read_caption(sample: dict) -> str:
+    try:
+        caption = sample["txt"].decode("utf-8").strip()
+    except (KeyError, UnicodeDecodeError) as error:
+        raise Skip(stats.MISSING_CAPTION) from error
+    if not caption:
+        raise Skip(stats.MISSING_CAPTION)
+    return caption
+
+
+def read_label(sample: dict) -> int:
+    try:
+        return int(sample["cls"].decode("ascii").strip())
+    except (KeyError, UnicodeDecodeError, ValueError) as error:
+        raise Skip(stats.BAD_LABEL) from error
+
+
+class SampleDecoder:
+    """Decodes and augments one sample; augmentation randomness comes from the seed given with the sample."""
+
+    def __init__(self, task: str, transform, tokenizer=None, optional_label: bool = False, uses_numpy: bool = False):
+        self.task = task
+        self.transform = transform
+        self.tokenizer = tokenizer
+        self.optional_label = optional_label  # image-text evaluation keeps KEY.cls when present, for zero-shot
+        self.uses_numpy = uses_numpy
+
+    def __call__(self, sample: dict, seed: int) -> dict:
+        out = {}
+        if self.task == "image-text":
+            out["text"] = self.tokenizer([read_caption(sample)])[0]
+            if self.optional_label:
+                out["label"] = read_label(sample) if "cls" in sample else NO_LABEL
+        else:
+            out["label"] = read_label(sample)
+        image = read_image(sample)
+        with seeded_global_rngs(seed, self.uses_numpy):
+            out["image"] = self.transform(image)
+        return out
+
+
+def collate(samples: list[dict]) -> dict:
+    batch = {"image": torch.stack([s["image"] for s in samples])}
+    if "text" in samples[0]:
+        batch["text"] = torch.stack([s["text"] for s in samples])
+    if "label" in samples[0]:
+        batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
+    return batch

@@ -1,0 +1,84 @@
+"""Shard lists: expansion and start-up checks, epoch sizes, and the per-worker shard streams (resampled or split)."""
+import json
+import os
+import random
+import re
+from collections.abc import Iterator
+
+from webdataset.shardlists import expand_urls
+
+REMOTE = re.compile(r"^[a-z][a-z0-9+.-]*:", re.IGNORECASE)  # pipe:, http:, s3:, gs: ... but not a local path
+
+
+def is_local(url: str) -> bool:
+    return url.startswith("file:") or not REMOTE.match(url)
+
+
+def local_path(url: str) -> str:
+    return url[len("file:"):] if url.startswith("file:") else url
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """Brace-expand a pattern ('::' joins several) and fail fast, naming the path, if a local shard is missing.
+
+    Remote shards (pipe:, http:) cannot be checked without opening them; a failure there is counted when it happens.
+    """
+    urls = expand_urls(pattern)
+    if not urls:
+        raise ValueError(f"shard pattern {pattern!r} expands to no shards")
+    for url in urls:
+        if is_local(url) and not os.path.isfile(local_path(url)):
+            raise FileNotFoundError(f"shard not found: {local_path(url)} (from pattern {pattern!r})")
+    return urls
+
+
+def shard_size(url: str) -> int | None:
+    """Samples in a local shard, from sizes.json ({"00000.tar": n}) beside it, or img2dataset's 00000_stats.json."""
+    if not is_local(url):
+        return None
+    path = local_path(url)
+    folder, name = os.path.split(path)
+    sizes_file = os.path.join(folder, "sizes.json")
+    if os.path.isfile(sizes_file):
+        with open(sizes_file) as f:
+            sizes = json.load(f)
+        if name in sizes:
+            return int(sizes[name])
+    stats_file = os.path.splitext(path)[0] + "_stats.json"
+    if os.path.isfile(stats_file):
+        with open(stats_file) as f:
+            return int(json.load(f)["successes"])
+    return None
+
+
+def total_size(urls: list[str]) -> int | None:
+    """Samples in all the shards, or None if any shard's size is unknown."""
+    sizes = [shard_size(url) for url in urls]
+    return None if None in sizes else sum(sizes)
+
+
+def check_enough_shards(urls: list[str], world_size: int, streams: int, pattern: str) -> None:
+    """Splitting shards over ranks x workers leaves some of them idle (and the epoch uneven) with too few shards."""
+    if len(urls) < world_size * streams:
+        raise ValueError(
+            f"{pattern!r} has {len(urls)} shards, fewer than ranks x workers = {world_size} x {streams}; "
+            "use more shards, fewer workers, or data.resampled: true")
+
+
+def resampled_shards(urls: list[str], seed: int) -> Iterator[dict]:
+    """Shards drawn with replacement, forever: every rank and worker always has data, whatever the shard count."""
+    rng = random.Random(seed)
+    while True:
+        yield {"url": rng.choice(urls)}
+
+
+def split_shards(urls: list[str], seed: int, rank: int, world_size: int, stream: int, streams: int) -> Iterator[dict]:
+    """This rank's and worker's share of a shuffled shard list, without replacement. The share is read again, in a new
+    order, if the epoch asks for more samples than it holds, so every worker delivers its fixed number of batches."""
+    rng = random.Random(seed)  # the same seed on every rank, so the shares are disjoint
+    order = list(urls)
+    rng.shuffle(order)
+    share = order[rank::world_size][stream::streams]
+    while True:
+        yield from ({"url": url} for url in share)
+        rng.shuffle(share)

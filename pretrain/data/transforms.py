@@ -1,0 +1,38 @@
+"""PIL image -> normalised float tensor, with torchvision transforms v2 (and timm's RandAugment for fine-tuning)."""
+import torch
+from PIL import Image
+from timm.data.auto_augment import rand_augment_transform
+from torchvision.transforms import v2
+
+from pretrain.data.config import DataConfig
+
+
+def _to_normalised_tensor(cfg: DataConfig) -> list:
+    return [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.augment.mean, cfg.augment.std)]
+
+
+def train_transform(cfg: DataConfig) -> v2.Compose:
+    """RandomResizedCrop + flip for pretraining; classification adds RandAugment when configured."""
+    augment = cfg.augment
+    steps = [
+        v2.RandomResizedCrop(cfg.image_size, scale=augment.crop_scale, interpolation=v2.InterpolationMode.BICUBIC),
+        v2.RandomHorizontalFlip(augment.hflip),
+    ]
+    if augment.randaugment:
+        hparams = dict(
+            translate_const=int(cfg.image_size * 0.45),  # timm's defaults, so "rand-m9-..." means what it does there
+            img_mean=tuple(min(255, round(255 * m)) for m in augment.mean),
+            interpolation=Image.BICUBIC,
+        )
+        steps.append(rand_augment_transform(augment.randaugment, hparams))
+    return v2.Compose(steps + _to_normalised_tensor(cfg))
+
+
+def eval_transform(cfg: DataConfig) -> v2.Compose:
+    """Resize the short side to image_size / eval_crop_pct, then centre-crop image_size."""
+    resize = int(cfg.image_size / cfg.augment.eval_crop_pct)
+    return v2.Compose([
+        v2.Resize(resize, interpolation=v2.InterpolationMode.BICUBIC),
+        v2.CenterCrop(cfg.image_size),
+        *_to_normalised_tensor(cfg),
+    ])
