@@ -1,0 +1,9 @@
+"""Launchers for `pretrain run`: a stage or a schedule of stages, on this machine or on SLURM through submitit.
+
+One concern per module:
+  schedule.py    schedule/stage YAML -> an ordered list of stage plans; exports between stages; summary.json
+  rendezvous.py  MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK from SLURM's environment (or for local ranks)
+  worker.py      what every rank process runs: the engine's run_stage, behind a small seam for tests
+  local.py       stages in sequence, N rank processes each, on this machine
+  slurm.py       one submitit job per stage, chained with afterok; preemption/requeue; waiting and cancelling
+"""

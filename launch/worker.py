@@ -1,0 +1,60 @@
+"""What every rank process runs, under either launcher: export the previous stage if needed, then the engine's stage.
+
+The engine is a module offering `run_stage(config_path, overrides) -> {"status", "metrics"}`, `request_stop()` and
+`consolidate(checkpoint_dir, out_dir, dtype)`; `pretrain.engine` unless a test names another (the seam).
+Run as `python -m launch.worker --engine MODULE --stage JSON` by the local launcher; exit status 0 completed,
+75 (EX_TEMPFAIL) preempted (a checkpoint was saved; run again to resume), anything else failed.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from types import ModuleType
+from typing import Any
+
+from launch.rendezvous import Rendezvous
+from launch.schedule import StagePlan, ensure_export
+
+DEFAULT_ENGINE = "pretrain.engine"
+EXIT_PREEMPTED = 75
+
+
+def load_engine(name: str = DEFAULT_ENGINE) -> ModuleType:
+    engine = importlib.import_module(name)
+    missing = [f for f in ("run_stage", "request_stop", "consolidate") if not hasattr(engine, f)]
+    if missing:
+        raise ImportError(f"engine module {name!r} lacks {', '.join(missing)}")
+    return engine
+
+
+def run_rank(stage: StagePlan, rdzv: Rendezvous, engine_name: str = DEFAULT_ENGINE) -> dict[str, Any]:
+    """Set the env:// rendezvous, export the previous stage's backbone (rank 0; the others wait), run the stage."""
+    rdzv.export()
+    engine = load_engine(engine_name)
+    ensure_export(stage, engine.consolidate, is_leader=rdzv.rank == 0)
+    result = engine.run_stage(stage.config, list(stage.overrides))
+    if not isinstance(result, dict) or result.get("status") not in ("completed", "preempted"):
+        raise RuntimeError(f"run_stage returned {result!r}; expected status completed or preempted")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="one rank of a stage (started by launch.local)")
+    parser.add_argument("--engine", default=DEFAULT_ENGINE)
+    parser.add_argument("--stage", required=True, help="the StagePlan as JSON")
+    args = parser.parse_args(argv)
+    stage = StagePlan(**json.loads(args.stage))
+    import os
+
+    rdzv = Rendezvous(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["RANK"]),
+        int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]), int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+    )
+    result = run_rank(stage, rdzv, args.engine)
+    return 0 if result["status"] == "completed" else EXIT_PREEMPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
