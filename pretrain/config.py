@@ -1,0 +1,162 @@
+"""The stage config: one typed tree from which the model, the data pipeline, the DeepSpeed JSON and the run layout are
+all derived. Layered as: dataclass defaults -> YAML file -> dotted command-line overrides; the resolved config is
+written into the run directory.
+"""
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from pretrain.data.config import DataConfig
+from pretrain.typed_config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+
+
+@dataclass
+class ModelConfig:
+    name: str = "internimage_t"
+    """A registered model: internimage_t|s|b|l|xl|h|g."""
+    args: dict = field(default_factory=dict)
+    """Overrides of the release's hyper-parameters, by the release's argument names (channels, depths, groups, ...)."""
+    pretrained: str | None = None
+    """A consolidated backbone (.safetensors or .pth with the release's key names) to start from."""
+    activation_checkpointing: bool = False
+    """Recompute each InternImage layer in the backward pass (per-layer torch.utils.checkpoint)."""
+
+    def __post_init__(self):
+        from pretrain.models import list_models
+
+        if self.name not in list_models():
+            raise ConfigError(f"model.name: unknown model {self.name!r}; choose from {list_models()}")
+
+
+@dataclass
+class TextConfig:
+    """The text tower of the image-text stage: open_clip's TextTransformer."""
+
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    vocab_size: int = 49408
+    embed_dim: int = 768
+    """The joint embedding size; the vision tower's head projects to it."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate at the reference batch `lr_batch` (scaled linearly with the global batch)."""
+    lr_batch: int = 512
+    min_lr: float = 0.0
+    """Learning rate at the end of the cosine schedule, as an absolute value."""
+    warmup_steps: int = 0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    layer_decay: float | None = None
+    """Layer-wise lr decay: layer i of n gets lr * layer_decay ** (n + 1 - i); None disables it."""
+    offset_lr_scale: float = 1.0
+    """lr multiplier of DCNv3 offset/mask and center-feature-scale parameters (the release uses 0.1 when fine-tuning)."""
+    grad_clip: float | None = 5.0
+    grad_accumulation: int = 1
+
+    def __post_init__(self):
+        for name in ("lr", "lr_batch", "grad_accumulation"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"optim.{name} must be > 0, got {getattr(self, name)}")
+        if self.min_lr < 0 or self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ConfigError("optim.min_lr, warmup_steps and weight_decay must be >= 0")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"optim.layer_decay must be in (0, 1], got {self.layer_decay}")
+
+
+@dataclass
+class ZeroConfig:
+    stage: Literal[0, 1, 2, 3] = 3
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+    def __post_init__(self):
+        if self.offload_params and self.stage != 3:
+            raise ConfigError("zero.offload_params needs zero.stage 3")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000
+    """Save every this many optimizer steps (and at the end, and on SIGTERM/SIGUSR1)."""
+    keep: int = 3
+    """Keep the newest this many checkpoints."""
+
+    def __post_init__(self):
+        if self.every <= 0 or self.keep <= 0:
+            raise ConfigError("checkpoint.every and checkpoint.keep must be > 0")
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10
+    """Write metrics.jsonl / TensorBoard every this many steps."""
+    tensorboard: bool = True
+    progress_bar: bool = True
+    peak_tflops: float | None = None
+    """Peak TFLOP/s of one device for the MFU estimate; None: looked up for known GPUs, else MFU is not reported."""
+
+
+@dataclass
+class EvalConfig:
+    every: int | None = None
+    """Evaluate every this many steps; None: only at the end."""
+    ema: bool = False
+    """Evaluate the EMA weights (needs ema_decay)."""
+
+
+@dataclass
+class StageConfig:
+    task: Literal["image-text", "classification"] = "image-text"
+    run_dir: str = "runs/default"
+    seed: int = 0
+    max_steps: int = 1000
+    batch_size: int = 32
+    """Micro-batch per rank; the global batch is batch_size * world_size * optim.grad_accumulation."""
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    num_classes: int = 1000
+    """Classification only: the classifier's number of classes."""
+    ema_decay: float | None = None
+    """Keep an EMA of the weights (each rank of its own ZeRO partition)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(demo_root="data/demo"))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        if self.max_steps <= 0 or self.batch_size <= 0:
+            raise ConfigError("max_steps and batch_size must be > 0")
+        if self.data.task != self.task:
+            raise ConfigError(f"data.task ({self.data.task!r}) must equal task ({self.task!r})")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.eval.ema and self.ema_decay is None:
+            raise ConfigError("eval.ema needs ema_decay")
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.run_dir) / "checkpoints"
+
+
+def load_stage_config(path: str | Path, overrides: list[str] = ()) -> StageConfig:
+    """Read a stage YAML, apply `key.path=value` overrides, and validate the result."""
+    data = apply_overrides(load_yaml(path), list(overrides))
+    data.setdefault("data", {}).setdefault("task", data.get("task", "image-text"))  # the stage's task, said once
+    return from_dict(StageConfig, data)
+
+
+def save_resolved(config: StageConfig, path: Path):
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

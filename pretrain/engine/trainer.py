@@ -1,0 +1,214 @@
+"""The training loop of one stage. Every concern lives in its own module; this file only wires them together:
+config -> distributed world -> task (model, loss, eval) -> DeepSpeed engine -> data -> checkpoints -> metrics."""
+import dataclasses
+import json
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from pretrain.config import StageConfig, load_stage_config, save_resolved
+from pretrain.engine import preemption
+from pretrain.engine.checkpoint import CheckpointManager
+from pretrain.engine.distributed import World, any_rank, init_distributed, mean_over_ranks, seed_everything, shutdown, sum_over_ranks
+from pretrain.engine.ema import PartitionedEMA
+from pretrain.engine.metrics import MetricsLogger, device_peak_tflops, peak_memory_per_rank, train_flops_per_sample
+from pretrain.engine.optim import deepspeed_config, param_groups, peak_lr, scheduler_factory
+from pretrain.engine.tasks import build_task
+from pretrain.engine.weights import load_backbone
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def run_stage(config_path: str, overrides: list[str] = ()) -> dict:
+    """Run (or resume) one stage in this process, one rank of the job described by the env:// variables."""
+    cfg = load_stage_config(config_path, overrides)
+    world = init_distributed()
+    try:
+        return Trainer(cfg, world).fit()
+    finally:
+        shutdown()
+
+
+class Trainer:
+    def __init__(self, cfg: StageConfig, world: World):
+        import deepspeed
+
+        from pretrain.data import build_train_loader
+
+        self.cfg, self.world = cfg, world
+        self.run_dir = Path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if world.is_main:
+            save_resolved(cfg, self.run_dir / "config.yaml")
+        preemption.install_handlers()
+        self.task = build_task(cfg, world)
+        self.dtype = DTYPES[cfg.precision]
+        self.checkpoints = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep, world.rank, world.size)
+
+        tag = self.checkpoints.latest_tag()
+        universal = tag is not None and self.checkpoints.needs_universal(tag)
+        if universal:
+            tag = self.checkpoints.prepare_universal(tag)
+
+        seed_everything(cfg.seed)  # identical initial weights on every rank
+        zero_init = deepspeed.zero.Init(config_dict_or_path={"train_micro_batch_size_per_gpu": cfg.batch_size,
+                                                             "zero_optimization": {"stage": 3}}) \
+            if cfg.zero.stage == 3 else nullcontext()
+        model = self.task.build(zero_init)
+        self.vision = model.visual if cfg.task == "image-text" else model
+        if cfg.model.pretrained and tag is None:
+            load_backbone(self.vision, cfg.model.pretrained)
+
+        base_lr = peak_lr(cfg, world.size)
+        depths = list(self._depths())
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, cfg, depths, base_lr),
+            config=deepspeed_config(cfg, base_lr, world.device.type == "cuda", universal),
+            lr_scheduler=scheduler_factory(cfg, base_lr))
+        self.loader = build_train_loader(cfg.data, rank=world.rank, world_size=world.size,
+                                         batch_size=cfg.batch_size, seed=cfg.seed)
+        self.ema = PartitionedEMA(self.engine.module, cfg.ema_decay) if cfg.ema_decay else None
+        self.step, self.resumed_from = 0, tag
+        if tag is not None:
+            self._restore(tag)
+        else:
+            seed_everything(cfg.seed * 1000 + world.rank + 1)  # ranks differ from here on (drop path, mixup)
+
+    def _depths(self):
+        from pretrain.models import MODEL_CONFIGS
+
+        return self.cfg.model.args.get("depths", MODEL_CONFIGS[self.cfg.model.name]["depths"])
+
+    def _restore(self, tag: str):
+        self.step, rank_state = self.checkpoints.load(self.engine, tag)
+        if rank_state is None:  # another world size: data streams and EMA shards do not map onto the new ranks,
+            seed_everything(self.cfg.seed * 1000 + self.world.rank + 1 + self.step)  # so both start afresh
+            return
+        self.loader.load_state_dict(rank_state["loader"])
+        if self.ema is not None and "ema" in rank_state:
+            self.ema.load_state_dict(rank_state["ema"])
+
+    # -- the loop
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        metrics = MetricsLogger(self.run_dir, self.world.is_main, cfg.max_steps, self.step,
+                                cfg.logging.tensorboard, cfg.logging.progress_bar)
+        if self.resumed_from is not None:
+            metrics.event("resume", step=self.step, checkpoint=self.resumed_from, world_size=self.world.size)
+        flops = self._flops_per_sample()
+        batches, window = iter(self.loader), _Window()
+        try:
+            while self.step < cfg.max_steps:
+                if any_rank(preemption.stop_requested(), self.world.device):
+                    self._save()
+                    metrics.event("preempted", step=self.step)
+                    return {"status": "preempted", "metrics": {"step": self.step}}
+                window.add(self._train_step(batches))
+                self.step += 1
+                metrics.advance()
+                if self.step % cfg.logging.every == 0 or self.step == cfg.max_steps:
+                    metrics.log(self.step, self._report(window, flops))
+                    window = _Window()
+                if self.step % cfg.checkpoint.every == 0 or self.step == cfg.max_steps:
+                    self._save()
+                if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.max_steps:
+                    metrics.log(self.step, self.evaluate())
+            result = {"step": self.step, **self.evaluate()}
+            metrics.log(self.step, result)
+            if self.world.is_main:
+                (self.run_dir / "result.json").write_text(json.dumps(result, indent=2))
+            return {"status": "completed", "metrics": result}
+        finally:
+            metrics.close()
+
+    def _train_step(self, batches) -> dict:
+        losses, skipped, extra = [], {}, {}
+        for _ in range(self.cfg.optim.grad_accumulation):
+            batch = next(batches)
+            for reason, count in batch.get("skipped", {}).items():
+                skipped[reason] = skipped.get(reason, 0) + count
+            loss, extra = self.task.loss(self.engine, self._to_device(batch), self.dtype)
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(loss.item())
+        if self.ema is not None:
+            self.ema.update()
+        return {"loss": sum(losses) / len(losses), "skipped": skipped, "samples": len(losses) * self.cfg.batch_size,
+                **extra}
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.world.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def _report(self, window: "_Window", flops_per_sample: float) -> dict:
+        device = self.world.device
+        averaged = mean_over_ranks({"loss": window.mean("loss"), **window.extras()}, device)
+        skipped = sum_over_ranks({f"skipped/{k}": v for k, v in window.skipped.items()} or {"skipped/none": 0}, device)
+        samples_per_s = window.samples * self.world.size / max(window.elapsed(), 1e-9)
+        report = {**averaged, "lr": self.scheduler.get_last_lr()[0], "samples_per_s": samples_per_s,
+                  "skipped": int(sum(skipped.values())), **{k: int(v) for k, v in skipped.items() if k != "skipped/none"},
+                  "peak_memory_mb": peak_memory_per_rank(device),
+                  "tflops_per_device": flops_per_sample * samples_per_s / self.world.size / 1e12}
+        peak = device_peak_tflops(device, self.cfg.logging.peak_tflops)
+        if peak:
+            report["mfu"] = report["tflops_per_device"] / peak
+        return report
+
+    def _flops_per_sample(self) -> float:
+        size = self.cfg.data.image_size
+        image = torch.zeros(1, 3, size, size)
+        if self.cfg.task == "image-text":
+            inputs = (image, torch.zeros(1, self.cfg.data.context_length, dtype=torch.long))
+        else:
+            inputs = (image,)
+        return train_flops_per_sample(self.task.build, inputs)
+
+    # -- checkpoints and evaluation
+
+    def _save(self):
+        rank_state = {"loader": self.loader.state_dict()}
+        if self.ema is not None:
+            rank_state["ema"] = self.ema.state_dict()
+        self.checkpoints.save(self.engine, self.step, rank_state)
+
+    def evaluate(self) -> dict:
+        from pretrain.data import build_eval_loader
+
+        if self.cfg.data.val is None and self.cfg.data.demo_root is None:
+            return {}
+        # Zero-shot evaluation of an image-text stage reads labelled shards.
+        data = dataclasses.replace(self.cfg.data, task="classification")
+        loader = build_eval_loader(data, rank=self.world.rank, world_size=self.world.size,
+                                   batch_size=self.cfg.batch_size)
+        self.engine.eval()
+        try:
+            with self.ema.swapped_in() if (self.ema and self.cfg.eval.ema) else nullcontext():
+                return self.task.evaluate(self.engine.module, loader, self.dtype)
+        finally:
+            self.engine.train()
+
+
+class _Window:
+    """Accumulates the steps between two log lines."""
+
+    def __init__(self):
+        self.start, self.steps, self.samples, self.skipped, self.values = time.time(), 0, 0, {}, {}
+
+    def add(self, step: dict):
+        self.steps += 1
+        self.samples += step.pop("samples")
+        for reason, count in step.pop("skipped").items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + count
+        for key, value in step.items():
+            self.values.setdefault(key, []).append(value)
+
+    def mean(self, key: str) -> float:
+        return sum(self.values[key]) / len(self.values[key])
+
+    def extras(self) -> dict:
+        return {k: self.mean(k) for k in self.values if k != "loss"}
+
+    def elapsed(self) -> float:
+        return time.time() - self.start

@@ -1,0 +1,55 @@
+"""Reading and writing backbone weights with the release's key names, whether or not the model is ZeRO-3 partitioned."""
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+CLASSIFIER_PREFIX = "head."
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("model", state)
+
+
+def load_backbone(model: nn.Module, path: str | Path) -> list[str]:
+    """Copy a backbone's weights into `model` (a fresh InternImage), one tensor at a time so a ZeRO-3 partitioned model
+    is never gathered whole. Every backbone key must exist in the model; returns the model keys left untouched
+    (the new classifier)."""
+    state = read_state_dict(path)
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    unknown = sorted(set(state) - set(params) - set(buffers))
+    if unknown:
+        raise KeyError(f"{path}: {len(unknown)} keys do not belong to this model, e.g. {unknown[:5]}")
+    for name, tensor in state.items():
+        if name in buffers:
+            buffers[name].copy_(tensor)
+        else:
+            _copy_into_param(params[name], tensor)
+    return sorted(set(params) | set(buffers) - set(state))
+
+
+def _copy_into_param(param: nn.Parameter, tensor: torch.Tensor):
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            with torch.no_grad():
+                param.copy_(tensor)
+    else:
+        with torch.no_grad():
+            param.copy_(tensor)
+
+
+def backbone_from_full(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The vision tower's weights under the release's names: `prefix` stripped, the task's classifier dropped."""
+    return {k[len(prefix):]: v for k, v in state.items()
+            if k.startswith(prefix) and not k[len(prefix):].startswith(CLASSIFIER_PREFIX)}
