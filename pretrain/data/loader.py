@@ -144,13 +144,16 @@ class EvalStream(IterableDataset):
         self.urls, self.rank, self.world_size, self.batch_size = urls, rank, world_size, batch_size
         self.decoder = make_decoder(cfg, train=False)
 
-    def __iter__(self) -> Iterator[dict]:
+    def batches(self, counter: SkipCounter) -> Iterator[dict]:
         info = get_worker_info()
         urls = self.urls[info.id::info.num_workers] if info else self.urls
         if not urls:
             return iter(())
         return iter(eval_pipeline(urls=urls, decoder=self.decoder, batch_size=self.batch_size, rank=self.rank,
-                                  world_size=self.world_size, counter=SkipCounter()))
+                                  world_size=self.world_size, counter=counter))
+
+    def __iter__(self) -> Iterator[dict]:
+        return self.batches(SkipCounter())
 
 
 def build_eval_loader(cfg: DataConfig, *, rank: int, world_size: int, batch_size: int) -> DataLoader:

@@ -1,0 +1,30 @@
+"""`pretrain data check SHARDS --task ...`: one pass over shards; prints one JSON line of counts."""
+TASKS = ("image-text", "classification")
+
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    check = sub.add_parser("check", help="iterate the whole pipeline once and count good and skipped samples",
+                           description="Iterate the shards once through the pipeline; print one JSON line with "
+                                       "samples, skipped and skipped_by_reason. Exit 1 if a shard cannot be read or "
+                                       "no sample survives, 2 if the shards cannot be listed.")
+    check.add_argument("shards", help="brace pattern, '::'-joined list or pipe: URL of tar shards")
+    check.add_argument("--task", choices=TASKS, required=True)
+    check.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    check.add_argument("--batch-size", type=int, default=64)
+    check.add_argument("--image-size", type=int, default=224)
+
+
+def main(args) -> int:
+    import json
+
+    from pretrain.data.check import check_shards, is_healthy
+
+    try:
+        report = check_shards(args.shards, args.task, workers=args.workers, batch_size=args.batch_size,
+                              image_size=args.image_size)
+    except (FileNotFoundError, ValueError) as error:
+        print(json.dumps({"error": str(error), "samples": 0, "skipped": 0, "skipped_by_reason": {}}))
+        return 2
+    print(json.dumps(report))
+    return 0 if is_healthy(report) else 1

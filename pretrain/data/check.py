@@ -1,0 +1,42 @@
+"""`pretrain data check`: run shards once through reading, decoding, transforms, tokenisation and batching, and count."""
+import collections
+import time
+from collections.abc import Iterator
+
+from torch.utils.data import DataLoader
+
+from pretrain.data import shards
+from pretrain.data.config import DataConfig
+from pretrain.data.loader import EvalStream
+from pretrain.data.stats import UNREADABLE_SHARD, SkipCounter
+
+
+class CheckStream(EvalStream):
+    """Per batch only the counts; then a last record, so skips after a worker's last batch are counted too."""
+
+    def __iter__(self) -> Iterator[dict]:
+        counter = SkipCounter()
+        for batch in self.batches(counter):
+            yield {"samples": len(batch["image"]), "skipped": batch["skipped"]}
+        yield {"samples": 0, "skipped": counter.drain()}
+
+
+def check_shards(pattern: str, task: str, *, workers: int = 0, batch_size: int = 64, image_size: int = 224) -> dict:
+    """Counts for one pass over the shards (one rank). Raises FileNotFoundError/ValueError if they cannot be listed."""
+    cfg = DataConfig(task=task, train=[{"shards": pattern}], val=pattern, workers=workers, image_size=image_size)
+    urls = shards.expand_shards(pattern)
+    dataset = CheckStream(cfg, urls, rank=0, world_size=1, batch_size=batch_size)
+    samples, reasons = 0, collections.Counter()
+    start = time.perf_counter()
+    for record in DataLoader(dataset, batch_size=None, num_workers=min(workers, len(urls))):
+        samples += record["samples"]
+        reasons.update(record["skipped"])
+    seconds = time.perf_counter() - start
+    return {"shards": len(urls), "samples": samples, "skipped": sum(reasons.values()),
+            "skipped_by_reason": dict(sorted(reasons.items())), "seconds": round(seconds, 3),
+            "samples_per_s": round(samples / seconds, 1) if seconds else None}
+
+
+def is_healthy(report: dict) -> bool:
+    """Every shard could be read, and some sample survived."""
+    return report["samples"] > 0 and report["skipped_by_reason"].get(UNREADABLE_SHARD, 0) == 0
