@@ -261,6 +261,19 @@ def _stream_metrics(item: Submitted, log: Callable[[str], None]) -> None:
             log(f"[{item.stage.name}] {fields}")
 
 
+def _state_from_result(item: Submitted) -> str:
+    from submitit.core.utils import pickle_load
+
+    path = item.job.paths.result_pickle
+    if not path.exists():
+        return "UNKNOWN"
+    try:
+        outcome = pickle_load(path)[0]
+    except Exception:  # noqa: BLE001 - being written
+        return "UNKNOWN"
+    return "COMPLETED" if outcome == "success" else "FAILED"
+
+
 def _failure_text(item: Submitted) -> str:
     try:
         lines = [ln for ln in item.job.stderr().splitlines() if ln.strip()] if item.job.stderr() else []
@@ -279,8 +292,8 @@ def wait(plan: Plan, submitted: list[Submitted], log=print, poll_s: float = 2.0,
             if item.done:
                 continue
             state, reason = states.get(item.job_id, ("", ""))
-            if not state:  # gone from squeue: ask submitit's result pickle
-                state = "COMPLETED" if item.job.paths.result_pickle.exists() and read_result(item.stage) else "UNKNOWN"
+            if not state:  # gone from squeue (older than MinJobAge): ask submitit's result pickle
+                state = _state_from_result(item)
             shown = f"{state} ({reason})" if reason and reason != "None" else state
             if shown != item.reported:
                 log(f"[{item.stage.name}] job {item.job_id}: {shown}")
@@ -290,10 +303,11 @@ def wait(plan: Plan, submitted: list[Submitted], log=print, poll_s: float = 2.0,
                 item.done = True
                 log(f"[{item.stage.name}] completed: {read_result(item.stage)}")
             elif state in FINISHED_BAD:
+                earlier = [s for s in submitted if s.stage.index < item.stage.index and not s.done]
+                if state == "CANCELLED" and earlier:
+                    continue  # cancelled because an earlier stage failed (its job did it): report that one
                 item.done = True
                 later = [s for s in submitted if s.stage.index > item.stage.index and not s.done]
-                if state == "CANCELLED" and item.extra.get("cancelled_because"):
-                    continue
                 why = _failure_text(item) if state != "CANCELLED" else "cancelled"
                 cancelled = set(cancel_dependants(item.job_id))
                 for other in later:

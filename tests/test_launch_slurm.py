@@ -1,0 +1,123 @@
+"""SLURM launcher on a real cluster (tools/slurm_localhost.sh up): a schedule across 2 nodes that survives
+`scontrol requeue`, submitit's preemption signal (coordinated save, then requeue), and a failing stage that cancels its
+dependants. Skipped when no cluster answers `sinfo`. Stage settings are shortened through overrides."""
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from test_launch_units import run_cli, write_schedule
+
+TESTS = str(Path(__file__).resolve().parent)
+
+
+def _cluster_up() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _cluster_up(), reason="no SLURM cluster reachable (`sinfo` fails); "
+                                                          "start one with `tools/slurm_localhost.sh up`")
+
+
+@pytest.fixture
+def fake_engine_env(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", TESTS + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def slurm_args(tmp_path, *extra):
+    return ["--launcher", "slurm", "--nodes", "2", "--tasks-per-node", "1", "--cpus-per-task", "1", "--time", "10",
+            "--submitit-dir", str(tmp_path / "submitit" / "%j"), "--wait-timeout", "240", *extra]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_for(predicate, timeout=120, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def running_job(name: str) -> str | None:
+    out = subprocess.run(["squeue", "-h", "-t", "R", "-n", name, "-o", "%i"], capture_output=True, text=True).stdout
+    return out.split()[0] if out.split() else None
+
+
+def in_thread(fn, *args):
+    box = {}
+    thread = threading.Thread(target=lambda: box.setdefault("code", fn(*args)), daemon=True)
+    thread.start()
+    return thread, box
+
+
+def test_schedule_two_nodes_survives_scontrol_requeue(tmp_path, fake_engine_env, capsys):
+    schedule = write_schedule(tmp_path)
+    thread, box = in_thread(run_cli, [str(schedule), *slurm_args(tmp_path), "--engine", "test_launch_fake_engine",
+                                      "step_time=0.5", "max_steps=10", "finetune:max_steps=4"])
+    pre = tmp_path / "run" / "pretrain"
+    wait_for(lambda: any(m.get("step", 0) >= 3 and "loss" in m for m in metrics(pre)), what="pretrain step 3")
+    job = running_job("pretrain:pretrain")
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    thread.join(240)
+    out = capsys.readouterr().out
+    assert box.get("code") == 0, out
+    events = [m for m in metrics(pre) if "event" in m]
+    assert [e["event"] for e in events][:2] == ["start", "resume"] and events[1]["step"] >= 2, events
+    # both ranks saved together before the requeue: each rank's checkpoint names the same step
+    nodes = {m["node"] for m in metrics(pre) if "node" in m}
+    assert nodes == {"n1"} and all(m["world_size"] == 2 for m in metrics(pre) if "loss" in m)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["complete"] and summary["zero_shot_top1"] == 0.25 and summary["finetune_top1"] == 0.5
+    assert summary["stages"]["finetune"]["metrics"]["pretrained_backbone"] == \
+        f"backbone of {pre}/checkpoints at step 10 (fp16)"
+    assert "resume at step" in out and "[pretrain] step=" in out  # progress was streamed
+
+
+def test_submitit_preemption_signal_saves_on_every_rank_and_requeues(tmp_path, fake_engine_env, capsys):
+    (tmp_path / "pretrain.yaml").write_text("max_steps: 12\nstep_time: 0.5\ncheckpoint.every: 100\n")
+    code = run_cli([str(tmp_path / "pretrain.yaml"), *slurm_args(tmp_path), "--no-wait",
+                    "--engine", "test_launch_fake_engine", f"run_dir={tmp_path}/run"])
+    assert code == 0
+    job = capsys.readouterr().out.strip().splitlines()[-1]
+    run = tmp_path / "run"
+    wait_for(lambda: any(m.get("step", 0) >= 3 for m in metrics(run)), what="step 3")
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what SLURM sends signal_delay_s before the limit
+    wait_for(lambda: (run / "result.json").exists(), timeout=150, what="the requeued job to finish")
+    resume = [m for m in metrics(run) if m.get("event") == "resume"]
+    assert len(resume) == 1 and 3 <= resume[0]["step"] < 12
+    saved = {json.loads((run / "checkpoints" / f"rank{r}.json").read_text())["step"] for r in (0, 1)}
+    assert saved == {12}
+    log = "".join(p.read_text() for p in (tmp_path / "submitit").glob(f"{job}/*_0_log.*"))
+    assert "saving a checkpoint with all ranks" in log and f"Requeued job {job}" in log
+
+
+def test_failing_stage_cancels_dependants(tmp_path, fake_engine_env, capsys):
+    schedule = write_schedule(tmp_path, pretrain_extra={"fail_at_step": 2})
+    code = run_cli([str(schedule), *slurm_args(tmp_path), "--engine", "test_launch_fake_engine", "step_time=0.1"])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "ERROR: stage 'pretrain'" in out, out
+    assert "failed; cancelled the stages that depend on it: finetune (job" in out
+    assert "RuntimeError: fake engine: failing at step 2" in out
+    fine_id = out.split("finetune (job ")[1].split(")")[0]
+    state = subprocess.run(["squeue", "-h", "-t", "all", "-j", fine_id, "-o", "%T"], capture_output=True,
+                           text=True).stdout.strip()
+    assert state == "CANCELLED"
+    assert not (tmp_path / "run" / "finetune").exists()
