@@ -1,0 +1,78 @@
+"""The compiled DCNv3 kernels as torch.library custom ops, with fake kernels and autograd.
+
+`pretrain::dcnv3` runs the CPU or the CUDA extension according to the tensors' device; `pretrain::dcnv3_backward` returns
+the three gradients in one pass. Fake kernels give shapes only, so torch.compile and meta-device tracing see through
+both. `layout` is the release's integer arguments in its order (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+dilation_h, dilation_w, group, group_channels).
+"""
+import importlib
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from pretrain.ops.reference import output_size
+
+# What each compiled kernel stores and computes in; anything else goes to the reference.
+KERNEL_DTYPES = {
+    "cpu": (torch.float32, torch.float64, torch.bfloat16),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+}
+
+
+def _import_extension(name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(f"pretrain.{name}")
+    except ImportError:  # not built (e.g. a plain checkout without `pip install -e .`)
+        return None
+
+
+EXTENSIONS = {"cpu": _import_extension("_dcnv3_cpu"), "cuda": _import_extension("_dcnv3_cuda")}
+
+
+def _extension(device: torch.device) -> ModuleType:
+    extension = EXTENSIONS.get(device.type)
+    if extension is None:
+        raise RuntimeError(f"the DCNv3 {device.type} kernel is not built; run `pip install --no-build-isolation -e .`")
+    return extension
+
+
+@torch.library.custom_op("pretrain::dcnv3", mutates_args=())
+def dcnv3_kernel(input: Tensor, offset: Tensor, mask: Tensor, layout: list[int], offset_scale: float,
+                 remove_center: bool, mask_softmax: bool) -> Tensor:
+    return _extension(input.device).forward(input, offset, mask, layout, offset_scale, remove_center, mask_softmax)
+
+
+@dcnv3_kernel.register_fake
+def _(input, offset, mask, layout, offset_scale, remove_center, mask_softmax):
+    kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels = layout
+    h_out = output_size(input.shape[1], kernel_h, stride_h, pad_h, dilation_h)
+    w_out = output_size(input.shape[2], kernel_w, stride_w, pad_w, dilation_w)
+    return input.new_empty(input.shape[0], h_out, w_out, group * group_channels)
+
+
+@torch.library.custom_op("pretrain::dcnv3_backward", mutates_args=())
+def dcnv3_backward_kernel(grad_output: Tensor, input: Tensor, offset: Tensor, mask: Tensor, layout: list[int],
+                          offset_scale: float, remove_center: bool, mask_softmax: bool) -> tuple[Tensor, Tensor, Tensor]:
+    grads = _extension(input.device).backward(input, offset, mask, grad_output, layout, offset_scale, remove_center,
+                                              mask_softmax)
+    return tuple(grads)
+
+
+@dcnv3_backward_kernel.register_fake
+def _(grad_output, input, offset, mask, layout, offset_scale, remove_center, mask_softmax):
+    return torch.empty_like(input), torch.empty_like(offset), torch.empty_like(mask)
+
+
+def _setup_context(ctx, inputs, output):
+    input, offset, mask, *ctx.arguments = inputs
+    ctx.save_for_backward(input, offset, mask)
+
+
+def _backward(ctx, grad_output):
+    input, offset, mask = ctx.saved_tensors
+    grads = dcnv3_backward_kernel(grad_output.contiguous(), input, offset, mask, *ctx.arguments)
+    return (*grads, None, None, None, None)
+
+
+torch.library.register_autograd("pretrain::dcnv3", _backward, setup_context=_setup_context)
