@@ -1,0 +1,24 @@
+"""The production schedules (InternImage-H/G) resolve: every stage config validates against the stage schema, the
+chain passes each stage's export on, and the SLURM resources give the release's global batch of 512 on 80 GB GPUs."""
+import pytest
+
+from launch.schedule import build_plan, resolved_config
+from launch.slurm import SlurmOptions
+
+
+@pytest.mark.parametrize("name, ranks, image_size", [("internimage_h", 32, 640), ("internimage_g", 64, 512)])
+def test_production_schedule(name, ranks, image_size):
+    plan = build_plan(f"configs/schedules/{name}.yaml", [])
+    assert [s.name for s in plan.stages] == ["pretrain", "in22k", "in1k"]
+    configs = [resolved_config(stage) for stage in plan.stages]
+    for stage, cfg in zip(plan.stages, configs):
+        params = SlurmOptions().for_stage(stage)
+        assert params["nodes"] * params["ntasks_per_node"] == ranks and params["gpus_per_node"] == 8
+        assert cfg["model"]["name"] == name and cfg["model"]["activation_checkpointing"]
+        assert cfg["zero"]["stage"] == 3 and cfg["precision"] == "bf16"
+        assert cfg["run_dir"] == stage.run_dir
+    in22k, in1k = configs[1], configs[2]
+    assert in1k["batch_size"] * ranks == 512 and in1k["optim"]["lr"] == 2e-5 and in1k["optim"]["lr_batch"] == 512
+    assert in1k["data"]["image_size"] == image_size and in22k["data"]["image_size"] == 384
+    assert in1k["ema_decay"] == 0.9999 and in1k["data"]["augment"]["label_smoothing"] == 0.3
+    assert in1k["model"]["pretrained"].endswith("in22k/export/backbone.safetensors")
