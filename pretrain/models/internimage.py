@@ -250,8 +250,9 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, out_dim)
 
     def _heads(self, x, linear, bias):
+        # Calling the bias-free Linear module (rather than F.linear on its weight) lets ZeRO-3's module hooks gather it.
         b, n, _ = x.shape
-        return F.linear(x, linear.weight, bias).view(b, n, self.num_heads, -1).transpose(1, 2)
+        return (linear(x) + bias).view(b, n, self.num_heads, -1).transpose(1, 2)
 
     def forward(self, q, k, v):
         q, k, v = self._heads(q, self.q, self.q_bias), self._heads(k, self.k, self.k_bias), self._heads(v, self.v, self.v_bias)

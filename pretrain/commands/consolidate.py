@@ -1,0 +1,19 @@
+"""`pretrain consolidate CKPT_DIR --out DIR --dtype fp16|bf16|fp32`."""
+
+
+def add_arguments(parser):
+    parser.add_argument("checkpoint_dir", help="a run's checkpoints/ directory (DeepSpeed format, with a 'latest' file)")
+    parser.add_argument("--out", required=True, help="output directory for backbone.safetensors / backbone.pth")
+    parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    parser.add_argument("--tag", help="checkpoint tag to export (default: the one 'latest' names)")
+    parser.add_argument("--full-model", action="store_true", help="also write model.safetensors with every weight")
+
+
+def main(args) -> int:
+    import json
+
+    from pretrain.engine.consolidate import consolidate
+
+    written = consolidate(args.checkpoint_dir, args.out, args.dtype, tag=args.tag, full_model=args.full_model)
+    print(json.dumps(written, indent=2))
+    return 0

@@ -1,0 +1,164 @@
+"""Two-rank ZeRO-3 runs on CPU through DeepSpeed itself: crash resume, preemption, consolidation, world-size change."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, SCRIPTS, free_port
+from pretrain.config import load_stage_config
+from pretrain.typed_config import ConfigError
+
+CONFIG = str(REPO / "configs/demo/pretrain.yaml")
+FAST = ["batch_size=16", "logging.every=1", "logging.progress_bar=false", "optim.warmup_steps=2",
+        "data.demo_root=" + str(REPO / "data/demo")]
+
+
+def stage_command(run_dir, *overrides, nproc=2):
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
+            str(SCRIPTS / "run_stage.py"), CONFIG, f"run_dir={run_dir}", *FAST, *overrides]
+
+
+def run(run_dir, *overrides, nproc=2):
+    proc = subprocess.run(stage_command(run_dir, *overrides, nproc=nproc), capture_output=True, text=True,
+                          timeout=900, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}  # later lines (after resume) win
+
+
+def wait_for(predicate, timeout=300):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """An uninterrupted 12-step run, checkpointing every 4 steps."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    result = run(run_dir, "max_steps=12", "checkpoint.every=4")
+    return run_dir, result
+
+
+def test_uninterrupted_run_learns_and_reports(reference_run):
+    run_dir, result = reference_run
+    assert result["status"] == "completed" and result["metrics"]["step"] == 12
+    logged = [r for r in records(run_dir) if "loss" in r]
+    assert [r["step"] for r in logged] == list(range(1, 13))
+    assert logged[-1]["loss"] < logged[0]["loss"]
+    for key in ("lr", "samples_per_s", "skipped", "peak_memory_mb", "tflops_per_device"):
+        assert key in logged[0]
+    assert len(logged[0]["peak_memory_mb"]) == 2
+    assert (Path(run_dir) / "checkpoints/latest").read_text() == "step00000012"
+    assert sorted(p.name for p in (Path(run_dir) / "checkpoints").glob("step*")) == ["step00000008", "step00000012"]
+    assert json.loads((Path(run_dir) / "result.json").read_text())["zero_shot_top1"] >= 0
+    assert list((Path(run_dir) / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_kill_9_then_resume_reproduces_the_losses(reference_run, tmp_path):
+    reference_dir, _ = reference_run
+    latest = tmp_path / "checkpoints/latest"
+    proc = subprocess.Popen(stage_command(tmp_path, "max_steps=12", "checkpoint.every=4"), cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: latest.is_file() and latest.read_text() == "step00000008")
+    for pid_file in (tmp_path / "pids").iterdir():  # torchrun's workers live in sessions of their own
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    result = run(tmp_path, "max_steps=12", "checkpoint.every=4")
+    assert result["status"] == "completed"
+    resumes = [r for r in records(tmp_path) if r.get("event") == "resume"]
+    assert [r["step"] for r in resumes] == [8]
+    expected, resumed = losses(reference_dir), losses(tmp_path)
+    assert [resumed[s] for s in range(9, 13)] == pytest.approx([expected[s] for s in range(9, 13)], rel=1e-6)
+
+
+def test_sigterm_saves_a_complete_checkpoint_on_every_rank(tmp_path):
+    proc = subprocess.Popen(stage_command(tmp_path, "max_steps=1000", "checkpoint.every=1000"), cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, text=True,
+                            stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "metrics.jsonl"
+    wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2)
+    for pid_file in (tmp_path / "pids").iterdir():
+        os.kill(int(pid_file.read_text()), signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0
+    result = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
+    assert result["status"] == "preempted"
+    tag = (tmp_path / "checkpoints/latest").read_text()
+    assert tag == f"step{result['metrics']['step']:08d}"
+    files = {p.name for p in (tmp_path / "checkpoints" / tag).iterdir()}
+    assert {"run_state.json", "rank00000_state.pt", "rank00001_state.pt",
+            "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= files
+    assert records(tmp_path)[-1]["event"] == "preempted"
+
+
+def test_consolidation_equals_zero_to_fp32(reference_run, tmp_path):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    from pretrain.models import create_model, load_official_checkpoint
+
+    run_dir, _ = reference_run
+    out = subprocess.run([sys.executable, "-m", "pretrain", "consolidate", str(run_dir / "checkpoints"),
+                          "--out", str(tmp_path), "--dtype", "fp16"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    backbone = load_file(str(tmp_path / "backbone.safetensors"))
+    full = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"))
+    expected = {k[len("visual."):]: v.half() for k, v in full.items()
+                if k.startswith("visual.") and not k.startswith("visual.head.")}
+    assert backbone.keys() == expected.keys()
+    assert all(backbone[k].dtype == torch.float16 and torch.equal(backbone[k], expected[k]) for k in expected)
+    pth = torch.load(tmp_path / "backbone.pth", weights_only=True)["model"]
+    assert all(torch.equal(pth[k], backbone[k]) for k in backbone)
+    # The release's key names: a fresh model loads it, missing only its classifier.
+    cfg = load_stage_config(CONFIG)
+    model = create_model(cfg.model.name, **cfg.model.args, num_classes=10)
+    result = load_official_checkpoint(model, {k: v.float() for k, v in backbone.items()}, strict=False)
+    assert sorted(result.missing_keys) == ["head.bias", "head.weight"] and not result.unexpected_keys
+
+
+def test_two_rank_checkpoint_resumes_on_one_rank(reference_run, tmp_path):
+    import shutil
+
+    reference_dir, _ = reference_run
+    shutil.copytree(reference_dir / "checkpoints", tmp_path / "checkpoints")
+    result = run(tmp_path, "max_steps=14", "checkpoint.every=4", nproc=1)
+    assert result["status"] == "completed" and result["metrics"]["step"] == 14
+    resume = next(r for r in records(tmp_path) if r.get("event") == "resume")
+    assert resume["step"] == 12 and resume["world_size"] == 1 and resume["checkpoint"].endswith("_universal")
+    assert all(l == l for l in losses(tmp_path).values())  # finite, not NaN
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optimm.lr=1", "unknown key"),
+    ("optim.lr=-1", "optim.lr must be > 0"),
+    ("precision=fp8", "not one of"),
+    ("zero.stage=4", "not one of"),
+    ("max_steps=ten", "expected int"),
+    ("model.name=resnet50", "unknown model"),
+    ("checkpoint.every=0", "checkpoint.every"),
+])
+def test_bad_config_values_are_clear_errors(override, message):
+    with pytest.raises((ConfigError, ValueError), match=message):
+        load_stage_config(CONFIG, [override])
+
+
+def test_overrides_with_the_documented_names():
+    cfg = load_stage_config(CONFIG, ["max_steps=8", "checkpoint.every=4", "run_dir=/tmp/x", "seed=3"])
+    assert (cfg.max_steps, cfg.checkpoint.every, cfg.run_dir, cfg.seed) == (8, 4, "/tmp/x", 3)
