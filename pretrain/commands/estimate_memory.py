@@ -1,0 +1,28 @@
+"""`pretrain estimate-memory CONFIG --nodes N --gpus-per-node G [overrides]`."""
+
+
+def add_arguments(parser):
+    parser.add_argument("config", help="a stage config YAML")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. batch_size=16 zero.stage=3")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU, to report the headroom")
+
+
+def main(args) -> int:
+    import json
+
+    from pretrain.config import load_stage_config
+    from pretrain.engine.memory import GIB, estimate
+
+    cfg = load_stage_config(args.config, args.overrides)
+    devices = args.nodes * args.gpus_per_node
+    result = estimate(cfg, devices)
+    checkpointing = cfg.model.activation_checkpointing
+    total = result.total(checkpointing) / GIB
+    report = {"model": cfg.model.name, "devices": devices, "zero_stage": cfg.zero.stage, "precision": cfg.precision,
+              "micro_batch": cfg.batch_size, "image_size": cfg.data.image_size,
+              "activation_checkpointing": checkpointing, "per_device_gib": result.as_gib(),
+              "total_gib": round(total, 2), "fits": total <= args.gpu_memory_gb}
+    print(json.dumps(report, indent=2))
+    return 0 if report["fits"] else 1
