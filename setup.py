@@ -13,9 +13,10 @@ from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 DCNV3_SOURCES = Path("csrc") / "dcnv3"
-# Accumulating reductions (the backward's dot products) vectorise only when the compiler may reorder them; these flags
+# -fopenmp: at::parallel_for is a header template that runs serially unless the extension itself is built with OpenMP
+# (torch's libgomp is the one loaded at run time). Accumulating reductions (the backward's dot products) vectorise only when the compiler may reorder them; these flags
 # allow that without -ffast-math's global side effects (flush-to-zero at load time) or its NaN assumptions.
-CPU_FLAGS = ["-O3", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
+CPU_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
 
 
 def find_nvcc_home() -> str | None:
@@ -47,7 +48,8 @@ def dcnv3_extensions() -> list:
 
     include = [str(ROOT / DCNV3_SOURCES)]
     extensions = [CppExtension("pretrain._dcnv3_cpu", [str(DCNV3_SOURCES / "dcnv3_cpu.cpp")],
-                               include_dirs=include, extra_compile_args=CPU_FLAGS)]
+                               include_dirs=include, extra_compile_args=CPU_FLAGS,
+                               extra_link_args=["-fopenmp"])]
     if torch.version.cuda and nvcc_home:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources = [str(DCNV3_SOURCES / name) for name in ("dcnv3_cuda.cu", "dcnv3_cuda_bind.cpp")]

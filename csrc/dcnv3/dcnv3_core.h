@@ -39,13 +39,11 @@ DCNV3_INLINE void point_position(const Geometry& g, int p, int& i, int& j) {
   j = q % g.kernel_h;
 }
 
-// Where point p of output pixel (h_out, w_out) samples, in pixel coordinates of the unpadded input. offset_scale scales
-// the fixed grid together with the learned offset, as the release does.
+// Where the point at kernel-grid position (i, j) of output pixel (h_out, w_out) samples, in pixel coordinates of the
+// unpadded input. offset_scale scales the fixed grid together with the learned offset, as the release does.
 template <typename acc_t>
-DCNV3_INLINE void sample_location(const Geometry& g, int p, int h_out, int w_out, acc_t dx, acc_t dy, acc_t& x,
+DCNV3_INLINE void sample_location(const Geometry& g, int i, int j, int h_out, int w_out, acc_t dx, acc_t dy, acc_t& x,
                                   acc_t& y) {
-  int i, j;
-  point_position(g, p, i, j);
   const int centre_w = (g.dilation_w * (g.kernel_w - 1)) / 2;
   const int centre_h = (g.dilation_h * (g.kernel_h - 1)) / 2;
   const acc_t scale = static_cast<acc_t>(g.offset_scale);
@@ -108,6 +106,24 @@ template <typename acc_t, typename scalar_t>
 DCNV3_INLINE acc_t point_weight(const scalar_t* mask_row, int p, bool softmax, acc_t max_logit, acc_t inv_sum) {
   const acc_t m = static_cast<acc_t>(mask_row[p]);
   return softmax ? exp_of(m - max_logit) * inv_sum : m;
+}
+
+// All P weights of one item at once, each exp computed once: for callers with room for a row of P.
+template <typename acc_t, typename scalar_t>
+DCNV3_INLINE void point_weights(const scalar_t* mask_row, int points, bool softmax, acc_t* weights) {
+  if (!softmax) {
+    for (int p = 0; p < points; ++p) weights[p] = static_cast<acc_t>(mask_row[p]);
+    return;
+  }
+  acc_t max_logit = static_cast<acc_t>(mask_row[0]);
+  for (int p = 1; p < points; ++p) {
+    const acc_t l = static_cast<acc_t>(mask_row[p]);
+    max_logit = l > max_logit ? l : max_logit;
+  }
+  acc_t sum = 0;
+  for (int p = 0; p < points; ++p) sum += (weights[p] = exp_of(static_cast<acc_t>(mask_row[p]) - max_logit));
+  const acc_t inv_sum = static_cast<acc_t>(1) / sum;
+  for (int p = 0; p < points; ++p) weights[p] *= inv_sum;
 }
 
 }  // namespace dcnv3

@@ -46,6 +46,14 @@ inline void item_position(const Geometry& g, int64_t item, int64_t& n, int& h_ou
   n = pos / g.height_out;
 }
 
+// Kernel-grid position of every point, enumerated once per call instead of once per output pixel.
+struct PointGrid {
+  std::vector<int> i, j;
+  explicit PointGrid(const Geometry& g) : i(g.points), j(g.points) {
+    for (int p = 0; p < g.points; ++p) point_position(g, p, i[p], j[p]);
+  }
+};
+
 template <typename scalar_t>
 struct Tensors {
   const scalar_t* input;
@@ -54,11 +62,11 @@ struct Tensors {
 };
 
 template <typename scalar_t>
-void forward_items(const Tensors<scalar_t>& t, scalar_t* output, const Geometry& g, bool softmax, int64_t begin,
-                   int64_t end) {
+void forward_items(const Tensors<scalar_t>& t, scalar_t* output, const Geometry& g, const PointGrid& grid,
+                   bool softmax, int64_t begin, int64_t end) {
   using acc_t = typename Accumulate<scalar_t>::type;
   const int channels = g.channels(), points = g.points;
-  std::vector<acc_t> acc(g.group_channels);
+  std::vector<acc_t> acc(g.group_channels), weights(points);
   for (int64_t item = begin; item < end; ++item) {
     int64_t n;
     int h_out, w_out;
@@ -66,15 +74,14 @@ void forward_items(const Tensors<scalar_t>& t, scalar_t* output, const Geometry&
     const scalar_t* image = t.input + n * g.height_in * g.width_in * channels + (item % g.groups) * g.group_channels;
     const scalar_t* mask_row = t.mask + item * points;
     const scalar_t* offset_row = t.offset + item * points * 2;
-    acc_t max_logit = 0, inv_sum = 1;
-    if (softmax) softmax_stats(mask_row, points, max_logit, inv_sum);
+    point_weights(mask_row, points, softmax, weights.data());
     std::fill(acc.begin(), acc.end(), acc_t(0));
     for (int p = 0; p < points; ++p) {
       acc_t x, y;
-      sample_location<acc_t>(g, p, h_out, w_out, offset_row[2 * p], offset_row[2 * p + 1], x, y);
+      sample_location<acc_t>(g, grid.i[p], grid.j[p], h_out, w_out, offset_row[2 * p], offset_row[2 * p + 1], x, y);
       const Corners<acc_t> c = bilinear_corners(x, y, g.height_in, g.width_in);
       if (!c.any) continue;
-      const acc_t m = point_weight(mask_row, p, softmax, max_logit, inv_sum);
+      const acc_t m = weights[p];
       for (int k = 0; k < 4; ++k)
         if (c.pixel[k] >= 0) add_scaled(acc.data(), image + c.pixel[k] * channels, m * c.weight[k], g.group_channels);
     }
@@ -93,7 +100,7 @@ struct Gradients {
 // Backward for every output pixel of one (n, group) pair.
 template <typename scalar_t>
 void backward_group(const Tensors<scalar_t>& t, const scalar_t* grad_output, const Gradients<scalar_t>& grads,
-                    const Geometry& g, bool softmax, int64_t n, int group) {
+                    const Geometry& g, const PointGrid& grid, bool softmax, int64_t n, int group) {
   using acc_t = typename Accumulate<scalar_t>::type;
   const int channels = g.channels(), points = g.points, group_channels = g.group_channels;
   const int64_t image_offset = n * g.height_in * g.width_in * channels + group * group_channels;
@@ -107,13 +114,12 @@ void backward_group(const Tensors<scalar_t>& t, const scalar_t* grad_output, con
       const scalar_t* mask_row = t.mask + item * points;
       const scalar_t* offset_row = t.offset + item * points * 2;
       for (int d = 0; d < group_channels; ++d) grad_out[d] = static_cast<acc_t>(grad_output[item * group_channels + d]);
-      acc_t max_logit = 0, inv_sum = 1;
-      if (softmax) softmax_stats(mask_row, points, max_logit, inv_sum);
+      point_weights(mask_row, points, softmax, weights.data());
       for (int p = 0; p < points; ++p) {
         acc_t x, y;
-        sample_location<acc_t>(g, p, h_out, w_out, offset_row[2 * p], offset_row[2 * p + 1], x, y);
+        sample_location<acc_t>(g, grid.i[p], grid.j[p], h_out, w_out, offset_row[2 * p], offset_row[2 * p + 1], x, y);
         const Corners<acc_t> c = bilinear_corners(x, y, g.height_in, g.width_in);
-        const acc_t m = point_weight(mask_row, p, softmax, max_logit, inv_sum);
+        const acc_t m = weights[p];
         acc_t grad_m = 0, grad_x = 0, grad_y = 0;
         for (int k = 0; k < 4; ++k) {
           if (c.pixel[k] < 0) continue;
@@ -125,7 +131,6 @@ void backward_group(const Tensors<scalar_t>& t, const scalar_t* grad_output, con
         }
         grads.offset[item * points * 2 + 2 * p] = static_cast<scalar_t>(grad_x * m * scale);
         grads.offset[item * points * 2 + 2 * p + 1] = static_cast<scalar_t>(grad_y * m * scale);
-        weights[p] = m;
         grad_weights[p] = grad_m;
       }
       // Softmax backward: d logit_p = m_p * (d m_p - sum_q m_q d m_q).
@@ -153,8 +158,9 @@ at::Tensor forward(const at::Tensor& input, const at::Tensor& offset, const at::
                               mask.const_data_ptr<scalar_t>()};
     scalar_t* out = output.mutable_data_ptr<scalar_t>();
     // Each item is P*4 row reads of group_channels; a grain of a few hundred keeps scheduling overhead negligible.
+    const PointGrid grid(g);
     at::parallel_for(0, g.items(), 256, [&](int64_t begin, int64_t end) {
-      forward_items(t, out, g, mask_softmax, begin, end);
+      forward_items(t, out, g, grid, mask_softmax, begin, end);
     });
   });
   return output;
@@ -178,9 +184,10 @@ std::vector<at::Tensor> backward(const at::Tensor& input, const at::Tensor& offs
     const Gradients<scalar_t> grads{grad_input.mutable_data_ptr<acc_t>(), grad_offset.mutable_data_ptr<scalar_t>(),
                                     grad_mask.mutable_data_ptr<scalar_t>()};
     const scalar_t* grad_out = grad_output.const_data_ptr<scalar_t>();
+    const PointGrid grid(g);
     at::parallel_for(0, (int64_t)g.batch * g.groups, 1, [&](int64_t begin, int64_t end) {
       for (int64_t pair = begin; pair < end; ++pair)
-        backward_group(t, grad_out, grads, g, mask_softmax, pair / g.groups, pair % g.groups);
+        backward_group(t, grad_out, grads, g, grid, mask_softmax, pair / g.groups, pair % g.groups);
     });
   });
   return {grad_input.to(input.scalar_type()), grad_offset, grad_mask};

@@ -76,8 +76,10 @@ __global__ void __launch_bounds__(kBlockThreads)
   for (int chunk = t.lane; chunk * VEC < g.group_channels; chunk += lanes) {
     float acc[VEC] = {};
     for (int p = 0; p < points; ++p) {
+      int i, j;
+      point_position(g, p, i, j);
       float x, y;
-      sample_location<float>(g, p, t.h_out, t.w_out, offset_row[2 * p], offset_row[2 * p + 1], x, y);
+      sample_location<float>(g, i, j, t.h_out, t.w_out, offset_row[2 * p], offset_row[2 * p + 1], x, y);
       const Corners<float> c = bilinear_corners(x, y, g.height_in, g.width_in);
       if (!c.any) continue;
       const float m = point_weight(mask_row, p, softmax, max_logit, inv_sum);
@@ -153,8 +155,10 @@ __global__ void __launch_bounds__(kBlockThreads)
 
   float weighted = 0.f;  // sum_p m_p * dL/dm_p, for the softmax backward
   for (int p = 0; p < points; ++p) {
+    int i, j;
+    point_position(g, p, i, j);
     float x, y;
-    sample_location<float>(g, p, t.h_out, t.w_out, offset_row[2 * p], offset_row[2 * p + 1], x, y);
+    sample_location<float>(g, i, j, t.h_out, t.w_out, offset_row[2 * p], offset_row[2 * p + 1], x, y);
     const Corners<float> c = bilinear_corners(x, y, g.height_in, g.width_in);
     const float m = point_weight(mask_row, p, softmax, max_logit, inv_sum);
     float grad_m = 0.f, grad_x = 0.f, grad_y = 0.f;
