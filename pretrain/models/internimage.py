@@ -121,14 +121,13 @@ class DCNv3(nn.Module):
             nn.init.zeros_(linear.bias)
 
     def forward(self, x):
-        n, h, w, _ = x.shape
         value = self.input_proj(x)
         features = self.dw_conv(x.permute(0, 3, 1, 2))  # from the raw input, as in the release
         offset = self.offset(features)
-        mask = F.softmax(self.mask(features).view(n, h, w, self.group, self.points), -1).view(n, h, w, -1)
+        mask_logits = self.mask(features)  # the kernel softmaxes each group's P logits itself (mask_softmax=True)
         pad = (self.kernel_size - 1) // 2
-        y = dcnv3(value, offset, mask, self.kernel_size, self.kernel_size, 1, 1, pad, pad, 1, 1,
-                  self.group, self.group_channels, self.offset_scale, self.remove_center)
+        y = dcnv3(value, offset, mask_logits, self.kernel_size, self.kernel_size, 1, 1, pad, pad, 1, 1,
+                  self.group, self.group_channels, self.offset_scale, self.remove_center, mask_softmax=True)
         if self.center_feature_scale:
             scale = torch.sigmoid(F.linear(features, self.center_feature_scale_proj_weight,
                                            self.center_feature_scale_proj_bias))
