@@ -18,6 +18,6 @@ def stop_requested() -> bool:
 
 
 def install_handlers():
-    _stop.clear()
+    """A stop requested before the handlers exist (e.g. by a launcher's own handler) stays requested."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, request_stop)

@@ -3,6 +3,7 @@ config -> distributed world -> task (model, loss, eval) -> DeepSpeed engine -> d
 import dataclasses
 import json
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -23,6 +24,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def run_stage(config_path: str, overrides: list[str] = ()) -> dict:
     """Run (or resume) one stage in this process, one rank of the job described by the env:// variables."""
+    # torch 2.14 deprecates the collectives DeepSpeed and open_clip call; the warning would repeat on every log step.
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*(torch\.distributed|all_gather).*deprecated")
     cfg = load_stage_config(config_path, overrides)
     world = init_distributed()
     try:
@@ -98,6 +101,8 @@ class Trainer:
                                 cfg.logging.tensorboard, cfg.logging.progress_bar)
         if self.resumed_from is not None:
             metrics.event("resume", step=self.step, checkpoint=self.resumed_from, world_size=self.world.size)
+        elif cfg.model.pretrained:
+            metrics.event("pretrained", step=0, path=str(Path(cfg.model.pretrained).resolve()))
         flops = self._flops_per_sample()
         batches, window = iter(self.loader), _Window()
         try:
