@@ -162,3 +162,30 @@ def test_bad_config_values_are_clear_errors(override, message):
 def test_overrides_with_the_documented_names():
     cfg = load_stage_config(CONFIG, ["max_steps=8", "checkpoint.every=4", "run_dir=/tmp/x", "seed=3"])
     assert (cfg.max_steps, cfg.checkpoint.every, cfg.run_dir, cfg.seed) == (8, 4, "/tmp/x", 3)
+
+
+def test_finetune_from_export_with_mixup_and_partitioned_ema(reference_run, tmp_path):
+    from pretrain.engine import consolidate
+
+    reference_dir, _ = reference_run
+    export = consolidate(reference_dir / "checkpoints", tmp_path / "export")["backbone_safetensors"]
+    run_dir = tmp_path / "finetune"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+           str(SCRIPTS / "run_stage.py"), str(REPO / "configs/demo/finetune.yaml"), f"run_dir={run_dir}",
+           f"model.pretrained={export}", "max_steps=4", "checkpoint.every=4", "batch_size=16", "logging.every=2",
+           "logging.progress_bar=false", "data.augment.mixup=0.8", "data.augment.cutmix=1.0", "eval.ema=true"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    result = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
+    assert {"top1", "top5"} <= result["metrics"].keys() and result["metrics"]["top5"] >= result["metrics"]["top1"]
+    assert records(run_dir)[0] == {**records(run_dir)[0], "event": "pretrained", "path": str(Path(export).resolve())}
+    # Each rank's EMA covers only its own ZeRO-3 partition: together exactly the trainable parameters, padded.
+    shadows = [torch.load(run_dir / f"checkpoints/step00000004/rank0000{r}_state.pt", weights_only=False)["ema"]["shadow"]
+               for r in (0, 1)]
+    per_rank = [sum(t.numel() for t in s) for s in shadows]
+    cfg = load_stage_config(REPO / "configs/demo/finetune.yaml")
+    from pretrain.models import create_model
+
+    total = sum(p.numel() for p in create_model(cfg.model.name, **cfg.model.args, num_classes=10).parameters())
+    assert per_rank[0] == per_rank[1] and total <= sum(per_rank) < total + 2 * len(shadows[0])
