@@ -54,6 +54,14 @@ __device__ __forceinline__ Team team_of_thread(const Geometry& g, int lanes) {
   return t;
 }
 
+// Sampling location of the team's point at grid position (i, j); its (dx, dy) pair is one aligned load.
+template <typename scalar_t>
+__device__ __forceinline__ void locate_point(const Geometry& g, const Team& t, const scalar_t* offset_row, int p, int i,
+                                             int j, float& x, float& y) {
+  const auto d = load_pack<scalar_t, 2>(offset_row + 2 * p);
+  sample_location<float>(g, i, j, t.h_out, t.w_out, d.v[0], d.v[1], x, y);
+}
+
 template <typename scalar_t>
 struct Inputs {
   const scalar_t* __restrict__ input;
@@ -75,11 +83,9 @@ __global__ void __launch_bounds__(kBlockThreads)
 
   for (int chunk = t.lane; chunk * VEC < g.group_channels; chunk += lanes) {
     float acc[VEC] = {};
-    for (int p = 0; p < points; ++p) {
-      int i, j;
-      point_position(g, p, i, j);
+    for (int p = 0, i = 0, j = 0; p < points; ++p, next_point_position(g, i, j)) {
       float x, y;
-      sample_location<float>(g, i, j, t.h_out, t.w_out, offset_row[2 * p], offset_row[2 * p + 1], x, y);
+      locate_point(g, t, offset_row, p, i, j, x, y);
       const Corners<float> c = bilinear_corners(x, y, g.height_in, g.width_in);
       if (!c.any) continue;
       const float m = point_weight(mask_row, p, softmax, max_logit, inv_sum);
@@ -154,11 +160,9 @@ __global__ void __launch_bounds__(kBlockThreads)
   if (softmax) softmax_stats(mask_row, points, max_logit, inv_sum);
 
   float weighted = 0.f;  // sum_p m_p * dL/dm_p, for the softmax backward
-  for (int p = 0; p < points; ++p) {
-    int i, j;
-    point_position(g, p, i, j);
+  for (int p = 0, i = 0, j = 0; p < points; ++p, next_point_position(g, i, j)) {
     float x, y;
-    sample_location<float>(g, i, j, t.h_out, t.w_out, offset_row[2 * p], offset_row[2 * p + 1], x, y);
+    locate_point(g, t, offset_row, p, i, j, x, y);
     const Corners<float> c = bilinear_corners(x, y, g.height_in, g.width_in);
     const float m = point_weight(mask_row, p, softmax, max_logit, inv_sum);
     float grad_m = 0.f, grad_x = 0.f, grad_y = 0.f;
@@ -202,10 +206,10 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
-// Widest vector (at most 16 bytes) that divides group_channels and keeps every access aligned.
+// Widest vector (at most max_vec elements) that divides group_channels and keeps every access aligned.
 template <typename scalar_t>
-int pick_vector_width(const Geometry& g, std::initializer_list<const void*> pointers) {
-  for (int vec = 16 / sizeof(scalar_t); vec > 1; vec /= 2) {
+int pick_vector_width(const Geometry& g, std::initializer_list<const void*> pointers, int max_vec) {
+  for (int vec = max_vec; vec > 1; vec /= 2) {
     bool aligned = g.group_channels % vec == 0;
     for (const void* p : pointers) aligned = aligned && reinterpret_cast<uintptr_t>(p) % (vec * sizeof(scalar_t)) == 0;
     if (aligned) return vec;
@@ -231,10 +235,12 @@ Launch launch_shape(const Geometry& g, int vec) {
   return {lanes, dim3(static_cast<unsigned>((threads + kBlockThreads - 1) / kBlockThreads))};
 }
 
-// Instantiates `body` for the vector widths a dtype can use: 1, 2, 4 and, for 2-byte types, 8.
-template <typename scalar_t, typename Body>
+// Instantiates `body` for the vector widths up to kMaxVec among 1, 2, 4, 8 and 16.
+template <int kMaxVec, typename Body>
 void with_vector_width(int vec, Body&& body) {
-  if constexpr (sizeof(scalar_t) == 2)
+  if constexpr (kMaxVec >= 16)
+    if (vec == 16) return body(std::integral_constant<int, 16>());
+  if constexpr (kMaxVec >= 8)
     if (vec == 8) return body(std::integral_constant<int, 8>());
   if (vec == 4) return body(std::integral_constant<int, 4>());
   if (vec == 2) return body(std::integral_constant<int, 2>());
@@ -252,9 +258,11 @@ void launch_forward(const at::Tensor& input, const at::Tensor& offset, const at:
       const Inputs<scalar_t> in{input.const_data_ptr<scalar_t>(), offset.const_data_ptr<scalar_t>(),
                                 mask.const_data_ptr<scalar_t>()};
       scalar_t* out = output.mutable_data_ptr<scalar_t>();
-      const int vec = pick_vector_width<scalar_t>(g, {in.input, out});
+      // Up to two 16-byte vectors per thread: fewer lanes per item repeat the per-point location and weight arithmetic.
+      constexpr int kMaxVec = 32 / sizeof(scalar_t);
+      const int vec = pick_vector_width<scalar_t>(g, {in.input, out}, kMaxVec);
       const Launch shape = launch_shape(g, vec);
-      with_vector_width<scalar_t>(vec, [&](auto width) {
+      with_vector_width<kMaxVec>(vec, [&](auto width) {
         forward_kernel<scalar_t, decltype(width)::value>
             <<<shape.grid, kBlockThreads, 0, stream>>>(in, out, g, shape.lanes, mask_softmax);
       });
@@ -274,10 +282,12 @@ void launch_backward(const at::Tensor& input, const at::Tensor& offset, const at
       const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
       const Grads<scalar_t> grads{grad_input.mutable_data_ptr<float>(), grad_offset.mutable_data_ptr<scalar_t>(),
                                   grad_mask.mutable_data_ptr<scalar_t>()};
-      const int vec = pick_vector_width<scalar_t>(g, {in.input, go});
+      // A float4 atomic is the widest: owning more channels than 4 would halve the threads without saving atomics.
+      constexpr int kMaxVec = 4;
+      const int vec = pick_vector_width<scalar_t>(g, {in.input, go}, kMaxVec);
       const Launch shape = launch_shape(g, vec);
       const size_t scratch = mask_softmax ? (kBlockThreads / shape.lanes) * g.points * sizeof(float) : 0;
-      with_vector_width<scalar_t>(vec, [&](auto width) {
+      with_vector_width<kMaxVec>(vec, [&](auto width) {
         backward_kernel<scalar_t, decltype(width)::value>
             <<<shape.grid, kBlockThreads, scratch, stream>>>(in, go, grads, g, shape.lanes, mask_softmax);
       });

@@ -11,12 +11,19 @@ void check_cuda(const at::Tensor& input, std::initializer_list<const at::Tensor*
     TORCH_CHECK(t->device() == input.device(), "dcnv3 cuda kernel: all tensors must be on ", input.device());
 }
 
+// The kernels load each (dx, dy) pair as one vector; an offset tensor that starts mid-pair (a view at an odd element)
+// is copied into a fresh, aligned allocation.
+at::Tensor pair_aligned(const at::Tensor& offset) {
+  const bool aligned = reinterpret_cast<uintptr_t>(offset.const_data_ptr()) % (2 * offset.element_size()) == 0;
+  return aligned ? offset : offset.clone();
+}
+
 at::Tensor forward(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask, at::IntArrayRef layout,
                    double offset_scale, bool remove_center, bool mask_softmax) {
   check_cuda(input, {&offset, &mask});
   const Geometry g = make_geometry(input, offset, mask, layout, offset_scale, remove_center);
   at::Tensor output = at::empty({g.batch, g.height_out, g.width_out, g.channels()}, input.options());
-  launch_forward(input, offset, mask, output, g, mask_softmax);
+  launch_forward(input, pair_aligned(offset), mask, output, g, mask_softmax);
   return output;
 }
 
@@ -32,7 +39,7 @@ std::vector<at::Tensor> backward(const at::Tensor& input, const at::Tensor& offs
   at::Tensor grad_input = at::zeros(input.sizes(), input.options().dtype(at::kFloat));
   at::Tensor grad_offset = at::empty_like(offset);
   at::Tensor grad_mask = at::empty_like(mask);
-  launch_backward(input, offset, mask, grad_output, grad_input, grad_offset, grad_mask, g, mask_softmax);
+  launch_backward(input, pair_aligned(offset), mask, grad_output, grad_input, grad_offset, grad_mask, g, mask_softmax);
   return {grad_input.to(input.scalar_type()), grad_offset, grad_mask};
 }
 
