@@ -102,7 +102,7 @@ class DataConfig:
     context_length: int = 77
     """Caption length in tokens (CLIP BPE)."""
     shuffle_buffer: int = 5000
-    """Samples held by the per-worker shuffle buffer."""
+    """Samples held by the shuffle buffer of each source in each worker."""
     augment: Augment = field(default_factory=Augment)
 
     def __post_init__(self):

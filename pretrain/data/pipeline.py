@@ -38,13 +38,24 @@ def fast_forward(samples: Iterable[dict], start: int, counter: SkipCounter) -> I
         yield sample
 
 
+MAX_SKIPS_IN_A_ROW = 10_000
+
+
 def decode(samples: Iterable[dict], decoder: SampleDecoder, seed: int, counter: SkipCounter) -> Iterator[dict]:
+    """Decoded samples; bad ones are counted and dropped. Endless streams of nothing but bad samples (a wrong task, or
+    shards without a usable sample) would spin forever, so a long run of them is an error."""
+    in_a_row = 0
     for sample in samples:
         try:
             decoded = decoder(sample, derive_seed(seed, sample.get("__index__", 0)))
         except Skip as skip:
             counter.skip(skip.reason, f"{sample['__url__']}:{sample['__key__']}", skip.__cause__)
+            in_a_row += 1
+            if in_a_row == MAX_SKIPS_IN_A_ROW:
+                raise RuntimeError(f"{in_a_row} samples in a row were unusable (last: {skip.reason} in "
+                                   f"{sample['__url__']}); check data.task and the shards") from None
             continue
+        in_a_row = 0
         decoded["__index__"] = sample.get("__index__")
         yield decoded
 
@@ -76,14 +87,23 @@ def take(items: Iterable, n: int) -> Iterator:
 
 
 def source_samples(urls: list[str], *, resampled: bool, seed: int, epoch_seed: int, rank: int, world_size: int,
-                   stream: int, streams: int, counter: SkipCounter) -> wds.DataPipeline:
-    """Endless raw samples of one source for one stream: shards drawn with replacement (seeded per rank and stream),
-    or this rank's and stream's share of the epoch's shuffled shard list."""
+                   stream: int, streams: int, shuffle_buffer: int, counter: SkipCounter) -> Iterator[dict]:
+    """Endless shuffled raw samples of one source for one stream: shards drawn with replacement (seeded per rank and
+    stream), or passes over this rank's and stream's share of the epoch's shuffled shard list; a pass is shuffled on
+    its own, so one pass over the shares of all ranks and streams holds every sample once."""
+    # a fifth of the buffer fills before the first sample leaves, trading start-up time for early mixing
+    shuffle = wds.shuffle(shuffle_buffer, initial=max(1, shuffle_buffer // 5), rng=random.Random(seed))
     if resampled:
-        shard_stream = functools.partial(shards.resampled_shards, urls, seed)
-    else:
-        shard_stream = functools.partial(shards.split_shards, urls, epoch_seed, rank, world_size, stream, streams)
-    return wds.DataPipeline(shard_stream, read_tars(counter))
+        yield from wds.DataPipeline(functools.partial(shards.resampled_shards, urls, seed), read_tars(counter), shuffle)
+        return
+    for pass_index in itertools.count():
+        share = shards.split_shards(urls, epoch_seed, rank, world_size, stream, streams, pass_index)
+        read = 0
+        for sample in wds.DataPipeline(wds.SimpleShardList(share), read_tars(counter), shuffle):
+            read += 1
+            yield sample
+        if not read:  # else an all-unreadable share would spin here forever
+            raise RuntimeError(f"no readable sample in shards {share}")
 
 
 def train_pipeline(*, sources: list[list[str]], weights: list[float], resampled: bool, shuffle_buffer: int,
@@ -93,13 +113,12 @@ def train_pipeline(*, sources: list[list[str]], weights: list[float], resampled:
     stream_seed = derive_seed(seed, epoch, rank, stream)
     per_source = [
         source_samples(urls, resampled=resampled, seed=derive_seed(stream_seed, i), epoch_seed=derive_seed(seed, epoch),
-                       rank=rank, world_size=world_size, stream=stream, streams=streams, counter=counter)
+                       rank=rank, world_size=world_size, stream=stream, streams=streams, shuffle_buffer=shuffle_buffer,
+                       counter=counter)
         for i, urls in enumerate(sources)
     ]
     return wds.DataPipeline(
         functools.partial(mix, per_source, weights, random.Random(stream_seed)),
-        # a fifth of the buffer fills before the first sample leaves, trading start-up time for early mixing
-        wds.shuffle(shuffle_buffer, initial=max(1, shuffle_buffer // 5), rng=random.Random(stream_seed + 1)),
         functools.partial(fast_forward, start=start, counter=counter),
         functools.partial(decode, decoder=decoder, seed=stream_seed, counter=counter),
         functools.partial(batches, size=batch_size, collation_fn=functools.partial(batch_with_position, counter=counter)),

@@ -5,6 +5,7 @@ import random
 import re
 from collections.abc import Iterator
 
+from braceexpand import UnbalancedBracesError
 from webdataset.shardlists import expand_urls
 
 REMOTE = re.compile(r"^[a-z][a-z0-9+.-]*:", re.IGNORECASE)  # pipe:, http:, s3:, gs: ... but not a local path
@@ -23,7 +24,10 @@ def expand_shards(pattern: str) -> list[str]:
 
     Remote shards (pipe:, http:) cannot be checked without opening them; a failure there is counted when it happens.
     """
-    urls = expand_urls(pattern)
+    try:
+        urls = expand_urls(pattern)
+    except UnbalancedBracesError as error:
+        raise ValueError(f"shard pattern {pattern!r} has unbalanced braces") from error
     if not urls:
         raise ValueError(f"shard pattern {pattern!r} expands to no shards")
     for url in urls:
@@ -72,13 +76,13 @@ def resampled_shards(urls: list[str], seed: int) -> Iterator[dict]:
         yield {"url": rng.choice(urls)}
 
 
-def split_shards(urls: list[str], seed: int, rank: int, world_size: int, stream: int, streams: int) -> Iterator[dict]:
-    """This rank's and worker's share of a shuffled shard list, without replacement. The share is read again, in a new
-    order, if the epoch asks for more samples than it holds, so every worker delivers its fixed number of batches."""
-    rng = random.Random(seed)  # the same seed on every rank, so the shares are disjoint
+def split_shards(urls: list[str], epoch_seed: int, rank: int, world_size: int, stream: int, streams: int,
+                 pass_index: int) -> list[str]:
+    """This rank's and stream's share of the epoch's shuffled shard list, without replacement. The share is read again
+    (pass 1, 2, ...), in another order, if the epoch asks for more samples than it holds."""
     order = list(urls)
-    rng.shuffle(order)
+    random.Random(epoch_seed).shuffle(order)  # the same on every rank, so the shares are disjoint
     share = order[rank::world_size][stream::streams]
-    while True:
-        yield from ({"url": url} for url in share)
-        rng.shuffle(share)
+    if pass_index:
+        random.Random(epoch_seed + pass_index).shuffle(share)
+    return share
