@@ -71,7 +71,7 @@ DCNV3_INLINE void sample_location(const Geometry& g, int i, int j, int h_out, in
 // get weight 0 and derivative weight 0 and pixel -1, so callers treat them as zeros without branching on geometry.
 template <typename acc_t>
 struct Corners {
-  long long pixel[4];  // row-major pixel index within one image, or -1
+  int pixel[4];        // row-major pixel index within one image (H*W < 2^31), or -1
   acc_t weight[4];     // bilinear weight
   acc_t dweight_x[4];  // d weight / d x
   acc_t dweight_y[4];  // d weight / d y
@@ -96,7 +96,7 @@ DCNV3_INLINE Corners<acc_t> bilinear_corners(acc_t x, acc_t y, int height, int w
     const int dy = k >> 1, dx = k & 1;
     const int xk = x0 + dx, yk = y0 + dy;
     const bool inside = c.any && xk >= 0 && xk < width && yk >= 0 && yk < height;
-    c.pixel[k] = inside ? (long long)yk * width + xk : -1;
+    c.pixel[k] = inside ? yk * width + xk : -1;
     c.weight[k] = inside ? wy[dy] * wx[dx] : static_cast<acc_t>(0);
     c.dweight_x[k] = inside ? wy[dy] * sign[dx] : static_cast<acc_t>(0);
     c.dweight_y[k] = inside ? sign[dy] * wx[dx] : static_cast<acc_t>(0);

@@ -83,7 +83,7 @@ void forward_items(const Tensors<scalar_t>& t, scalar_t* output, const Geometry&
       if (!c.any) continue;
       const acc_t m = weights[p];
       for (int k = 0; k < 4; ++k)
-        if (c.pixel[k] >= 0) add_scaled(acc.data(), image + c.pixel[k] * channels, m * c.weight[k], g.group_channels);
+        if (c.pixel[k] >= 0) add_scaled(acc.data(), image + (int64_t)c.pixel[k] * channels, m * c.weight[k], g.group_channels);
     }
     scalar_t* out = output + item * g.group_channels;
     for (int d = 0; d < g.group_channels; ++d) out[d] = static_cast<scalar_t>(acc[d]);
@@ -123,7 +123,7 @@ void backward_group(const Tensors<scalar_t>& t, const scalar_t* grad_output, con
         acc_t grad_m = 0, grad_x = 0, grad_y = 0;
         for (int k = 0; k < 4; ++k) {
           if (c.pixel[k] < 0) continue;
-          const int64_t at = c.pixel[k] * channels;
+          const int64_t at = (int64_t)c.pixel[k] * channels;
           const acc_t dot = dot_and_scatter(grad_out.data(), image + at, grad_image + at, m * c.weight[k], group_channels);
           grad_m += c.weight[k] * dot;
           grad_x += c.dweight_x[k] * dot;

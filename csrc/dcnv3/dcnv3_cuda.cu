@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         if (c.pixel[k] < 0) continue;
-        const auto v = load_pack<scalar_t, VEC>(image + c.pixel[k] * channels + chunk * VEC);
+        const auto v = load_pack<scalar_t, VEC>(image + (long long)c.pixel[k] * channels + chunk * VEC);
         const float w = m * c.weight[k];
 #pragma unroll
         for (int e = 0; e < VEC; ++e) acc[e] += w * static_cast<float>(v.v[e]);
@@ -174,7 +174,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         if (c.pixel[k] < 0) continue;
-        const long long at = c.pixel[k] * channels + chunk * VEC;
+        const long long at = (long long)c.pixel[k] * channels + chunk * VEC;
         const auto v = load_pack<scalar_t, VEC>(image + at);
         float dot = 0.f;
 #pragma unroll
