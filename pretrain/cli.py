@@ -17,8 +17,23 @@ COMMANDS = [
 ]
 
 
+DESCRIPTION = "Pretrain InternImage vision foundation models: image-text pretraining and classification fine-tuning " \
+              "on DeepSpeed ZeRO-3, locally or on SLURM."
+EXAMPLES = """examples:
+  pretrain run configs/schedules/demo.yaml --launcher local --nproc 2        # the demo (make demo)
+  pretrain run configs/schedules/internimage_h.yaml --launcher slurm --partition gpu --account proj
+  pretrain run configs/demo/pretrain.yaml --launcher local --nproc 2 max_steps=8 run_dir=runs/try
+  pretrain estimate-memory configs/internimage_h/in1k_640.yaml --nodes 4 --gpus-per-node 8
+  pretrain consolidate runs/demo/finetune/checkpoints --out export/ --dtype fp16
+  pretrain shards make --demo data/demo
+  pretrain data check 'data/demo/image-text/train/{00000..00007}.tar' --task image-text
+
+Re-running a `run` command on the same run_dir resumes it. `pretrain COMMAND --help` describes each command."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pretrain", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="pretrain", description=DESCRIPTION, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module, help_text in COMMANDS:
         cmd = sub.add_parser(name, help=help_text, description=help_text)

@@ -37,3 +37,16 @@ def test_estimate_memory_command_reports_the_h_schedule_fits_80gb():
     report = json.loads(out.stdout)
     assert report["devices"] == 16 and report["fits"]
     assert report["per_device_gib"]["activations_checkpointed"] < report["per_device_gib"]["activations"]
+
+
+@pytest.mark.parametrize("schedule", ["internimage_h", "internimage_g"])
+def test_production_schedules_fit_80gb_gpus(schedule):
+    import yaml
+
+    stages = yaml.safe_load((REPO / f"configs/schedules/{schedule}.yaml").read_text())["stages"]
+    for stage in stages:
+        cfg = load_stage_config(REPO / stage["config"])
+        devices = stage["slurm"]["nodes"] * stage["slurm"]["gpus_per_node"]
+        assert cfg.batch_size * devices * cfg.optim.grad_accumulation == 512  # the release's batch
+        result = estimate(cfg, devices)
+        assert result.total(cfg.model.activation_checkpointing) < 80e9 * 0.9, (stage["name"], result.as_gib())
