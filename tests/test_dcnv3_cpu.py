@@ -1,4 +1,6 @@
 """The DCNv3 CPU kernel against the pure-PyTorch reference, plus the operator's registration and argument checks."""
+import importlib.util
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -59,6 +61,20 @@ def assert_matches_reference(tensors, layout, offset_scale, remove_center, mask_
 
 def test_cpu_kernel_is_built():
     assert "cpu" in available_backends()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pretrain._dcnv3_cpu_avx2") is None, reason="no AVX2 build (not x86-64)")
+def test_avx2_and_baseline_builds_agree():
+    """pretrain.ops uses one of the two builds; this checks the other computes the same."""
+    from pretrain import _dcnv3_cpu, _dcnv3_cpu_avx2
+
+    tensors, layout = make_case(2, 7, 6, (3, 3), 1, 1, 1, 3, 5, True, 2.0, seed=29)
+    grad_output = torch.randn(2, 7, 6, 15, dtype=torch.float64)
+    results = [(build.forward(*tensors, list(layout), 1.5, True, True),
+                *build.backward(*tensors, grad_output, list(layout), 1.5, True, True))
+               for build in (_dcnv3_cpu, _dcnv3_cpu_avx2)]
+    for baseline, avx2 in zip(*results):
+        assert relative_error(avx2, baseline) < 1e-13
 
 
 @st.composite

@@ -27,7 +27,13 @@ def _import_extension(name: str) -> ModuleType | None:
         return None
 
 
-EXTENSIONS = {"cpu": _import_extension("_dcnv3_cpu"), "cuda": _import_extension("_dcnv3_cuda")}
+def _import_cpu_extension() -> ModuleType | None:
+    """The AVX2 build where torch finds AVX2 (or better) on this CPU, else the baseline build."""
+    avx2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    return (avx2 and _import_extension("_dcnv3_cpu_avx2")) or _import_extension("_dcnv3_cpu")
+
+
+EXTENSIONS = {"cpu": _import_cpu_extension(), "cuda": _import_extension("_dcnv3_cuda")}
 
 
 def _extension(device: torch.device) -> ModuleType:
