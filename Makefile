@@ -11,9 +11,11 @@ venv: $(STAMP)
 
 # torch comes first, then the extension is built against it without build isolation (as apex/flash-attn are).
 $(STAMP): setup.py requirements.txt $(wildcard csrc/dcnv3/*)
+	@echo "==> setting up $(VENV): torch, the pinned dependencies, then this package and its DCNv3 kernels (first run only)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -r requirements.txt
+	@echo "==> compiling the DCNv3 extensions (CPU, and CUDA wherever nvcc is found)"
 	$(PY) -m pip install -q --no-build-isolation -e .
 	touch $(STAMP)
 
