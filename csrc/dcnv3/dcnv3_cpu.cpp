@@ -20,21 +20,38 @@ struct Accumulate<double> {
   using type = double;
 };
 
+// acc += the four neighbours' rows weighted by w: one pass over the channels per point, so the accumulator row is read
+// and written once rather than once per neighbour. Neighbours outside the image point at a row of zeros (weight 0).
 template <typename acc_t, typename scalar_t>
-inline void add_scaled(acc_t* __restrict out, const scalar_t* __restrict row, acc_t weight, int channels) {
-  for (int d = 0; d < channels; ++d) out[d] += weight * static_cast<acc_t>(row[d]);
+inline void add_bilinear(acc_t* __restrict acc, const scalar_t* __restrict r0, const scalar_t* __restrict r1,
+                         const scalar_t* __restrict r2, const scalar_t* __restrict r3, const acc_t (&w)[4],
+                         int channels) {
+  for (int d = 0; d < channels; ++d)
+    acc[d] += w[0] * static_cast<acc_t>(r0[d]) + w[1] * static_cast<acc_t>(r1[d]) + w[2] * static_cast<acc_t>(r2[d]) +
+              w[3] * static_cast<acc_t>(r3[d]);
 }
 
-// Returns grad_out . row and adds weight * grad_out into grad_row: the two uses of one input neighbour in the backward.
+// The backward's two uses of the four neighbours in one pass: dots[k] = grad_out . row_k, grad_row_k += scale_k *
+// grad_out. Neighbours outside the image read zeros and write to four separate scratch rows, so no two writes alias.
 template <typename acc_t, typename scalar_t>
-inline acc_t dot_and_scatter(const acc_t* __restrict grad_out, const scalar_t* __restrict row,
-                             acc_t* __restrict grad_row, acc_t weight, int channels) {
-  acc_t dot = 0;
+inline void bilinear_backward(const acc_t* __restrict grad_out, const scalar_t* __restrict r0,
+                              const scalar_t* __restrict r1, const scalar_t* __restrict r2,
+                              const scalar_t* __restrict r3, acc_t* __restrict g0, acc_t* __restrict g1,
+                              acc_t* __restrict g2, acc_t* __restrict g3, const acc_t (&scale)[4], acc_t (&dots)[4],
+                              int channels) {
+  acc_t d0 = 0, d1 = 0, d2 = 0, d3 = 0;
   for (int d = 0; d < channels; ++d) {
-    dot += grad_out[d] * static_cast<acc_t>(row[d]);
-    grad_row[d] += weight * grad_out[d];
+    const acc_t go = grad_out[d];
+    d0 += go * static_cast<acc_t>(r0[d]);
+    d1 += go * static_cast<acc_t>(r1[d]);
+    d2 += go * static_cast<acc_t>(r2[d]);
+    d3 += go * static_cast<acc_t>(r3[d]);
+    g0[d] += scale[0] * go;
+    g1[d] += scale[1] * go;
+    g2[d] += scale[2] * go;
+    g3[d] += scale[3] * go;
   }
-  return dot;
+  dots[0] = d0, dots[1] = d1, dots[2] = d2, dots[3] = d3;
 }
 
 // Splits a flat item index into its output pixel; the group is item % groups.
@@ -67,6 +84,7 @@ void forward_items(const Tensors<scalar_t>& t, scalar_t* output, const Geometry&
   using acc_t = typename Accumulate<scalar_t>::type;
   const int channels = g.channels(), points = g.points;
   std::vector<acc_t> acc(g.group_channels), weights(points);
+  const std::vector<scalar_t> zeros(g.group_channels, scalar_t(0));
   for (int64_t item = begin; item < end; ++item) {
     int64_t n;
     int h_out, w_out;
@@ -81,9 +99,13 @@ void forward_items(const Tensors<scalar_t>& t, scalar_t* output, const Geometry&
       sample_location<acc_t>(g, grid.i[p], grid.j[p], h_out, w_out, offset_row[2 * p], offset_row[2 * p + 1], x, y);
       const Corners<acc_t> c = bilinear_corners(x, y, g.height_in, g.width_in);
       if (!c.any) continue;
-      const acc_t m = weights[p];
-      for (int k = 0; k < 4; ++k)
-        if (c.pixel[k] >= 0) add_scaled(acc.data(), image + (int64_t)c.pixel[k] * channels, m * c.weight[k], g.group_channels);
+      const scalar_t* rows[4];
+      acc_t w[4];
+      for (int k = 0; k < 4; ++k) {
+        rows[k] = c.pixel[k] >= 0 ? image + (int64_t)c.pixel[k] * channels : zeros.data();
+        w[k] = weights[p] * c.weight[k];
+      }
+      add_bilinear(acc.data(), rows[0], rows[1], rows[2], rows[3], w, g.group_channels);
     }
     scalar_t* out = output + item * g.group_channels;
     for (int d = 0; d < g.group_channels; ++d) out[d] = static_cast<scalar_t>(acc[d]);
@@ -107,7 +129,8 @@ void backward_group(const Tensors<scalar_t>& t, const scalar_t* grad_output, con
   const scalar_t* image = t.input + image_offset;
   acc_t* grad_image = grads.input + image_offset;
   const acc_t scale = static_cast<acc_t>(g.offset_scale);
-  std::vector<acc_t> grad_out(group_channels), weights(points), grad_weights(points);
+  std::vector<acc_t> grad_out(group_channels), weights(points), grad_weights(points), scratch(4 * group_channels);
+  const std::vector<scalar_t> zeros(group_channels, scalar_t(0));
   for (int h_out = 0; h_out < g.height_out; ++h_out) {
     for (int w_out = 0; w_out < g.width_out; ++w_out) {
       const int64_t item = ((n * g.height_out + h_out) * g.width_out + w_out) * g.groups + group;
@@ -121,13 +144,23 @@ void backward_group(const Tensors<scalar_t>& t, const scalar_t* grad_output, con
         const Corners<acc_t> c = bilinear_corners(x, y, g.height_in, g.width_in);
         const acc_t m = weights[p];
         acc_t grad_m = 0, grad_x = 0, grad_y = 0;
-        for (int k = 0; k < 4; ++k) {
-          if (c.pixel[k] < 0) continue;
-          const int64_t at = (int64_t)c.pixel[k] * channels;
-          const acc_t dot = dot_and_scatter(grad_out.data(), image + at, grad_image + at, m * c.weight[k], group_channels);
-          grad_m += c.weight[k] * dot;
-          grad_x += c.dweight_x[k] * dot;
-          grad_y += c.dweight_y[k] * dot;
+        if (c.any) {
+          const scalar_t* rows[4];
+          acc_t* grad_rows[4];
+          acc_t scale_k[4], dots[4];
+          for (int k = 0; k < 4; ++k) {
+            const int64_t at = (int64_t)c.pixel[k] * channels;
+            rows[k] = c.pixel[k] >= 0 ? image + at : zeros.data();
+            grad_rows[k] = c.pixel[k] >= 0 ? grad_image + at : scratch.data() + k * group_channels;
+            scale_k[k] = m * c.weight[k];
+          }
+          bilinear_backward(grad_out.data(), rows[0], rows[1], rows[2], rows[3], grad_rows[0], grad_rows[1],
+                            grad_rows[2], grad_rows[3], scale_k, dots, group_channels);
+          for (int k = 0; k < 4; ++k) {
+            grad_m += c.weight[k] * dots[k];
+            grad_x += c.dweight_x[k] * dots[k];
+            grad_y += c.dweight_y[k] * dots[k];
+          }
         }
         grads.offset[item * points * 2 + 2 * p] = static_cast<scalar_t>(grad_x * m * scale);
         grads.offset[item * points * 2 + 2 * p + 1] = static_cast<scalar_t>(grad_y * m * scale);
