@@ -20,7 +20,6 @@ import sys
 import tempfile
 import time
 import types
-from types import SimpleNamespace
 
 import numpy as np
 import torch
