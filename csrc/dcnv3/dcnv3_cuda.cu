@@ -255,18 +255,18 @@ void launch_forward(const at::Tensor& input, const at::Tensor& offset, const at:
   const c10::cuda::CUDAGuard guard(input.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   DCNV3_DISPATCH(input.scalar_type(), "dcnv3_cuda_forward", [&] {
-      const Inputs<scalar_t> in{input.const_data_ptr<scalar_t>(), offset.const_data_ptr<scalar_t>(),
-                                mask.const_data_ptr<scalar_t>()};
-      scalar_t* out = output.mutable_data_ptr<scalar_t>();
-      // Up to two 16-byte vectors per thread: fewer lanes per item repeat the per-point location and weight arithmetic.
-      constexpr int kMaxVec = 32 / sizeof(scalar_t);
-      const int vec = pick_vector_width<scalar_t>(g, {in.input, out}, kMaxVec);
-      const Launch shape = launch_shape(g, vec);
-      with_vector_width<kMaxVec>(vec, [&](auto width) {
-        forward_kernel<scalar_t, decltype(width)::value>
-            <<<shape.grid, kBlockThreads, 0, stream>>>(in, out, g, shape.lanes, mask_softmax);
-      });
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const Inputs<scalar_t> in{input.const_data_ptr<scalar_t>(), offset.const_data_ptr<scalar_t>(),
+                              mask.const_data_ptr<scalar_t>()};
+    scalar_t* out = output.mutable_data_ptr<scalar_t>();
+    // Up to two 16-byte vectors per thread: fewer lanes per item repeat the per-point location and weight arithmetic.
+    constexpr int kMaxVec = 32 / sizeof(scalar_t);
+    const int vec = pick_vector_width<scalar_t>(g, {in.input, out}, kMaxVec);
+    const Launch shape = launch_shape(g, vec);
+    with_vector_width<kMaxVec>(vec, [&](auto width) {
+      forward_kernel<scalar_t, decltype(width)::value>
+          <<<shape.grid, kBlockThreads, 0, stream>>>(in, out, g, shape.lanes, mask_softmax);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
@@ -277,21 +277,24 @@ void launch_backward(const at::Tensor& input, const at::Tensor& offset, const at
   const c10::cuda::CUDAGuard guard(input.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   DCNV3_DISPATCH(input.scalar_type(), "dcnv3_cuda_backward", [&] {
-      const Inputs<scalar_t> in{input.const_data_ptr<scalar_t>(), offset.const_data_ptr<scalar_t>(),
-                                mask.const_data_ptr<scalar_t>()};
-      const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
-      const Grads<scalar_t> grads{grad_input.mutable_data_ptr<float>(), grad_offset.mutable_data_ptr<scalar_t>(),
-                                  grad_mask.mutable_data_ptr<scalar_t>()};
-      // A float4 atomic is the widest: owning more channels than 4 would halve the threads without saving atomics.
-      constexpr int kMaxVec = 4;
-      const int vec = pick_vector_width<scalar_t>(g, {in.input, go}, kMaxVec);
-      const Launch shape = launch_shape(g, vec);
-      const size_t scratch = mask_softmax ? (kBlockThreads / shape.lanes) * g.points * sizeof(float) : 0;
-      with_vector_width<kMaxVec>(vec, [&](auto width) {
-        backward_kernel<scalar_t, decltype(width)::value>
-            <<<shape.grid, kBlockThreads, scratch, stream>>>(in, go, grads, g, shape.lanes, mask_softmax);
-      });
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const Inputs<scalar_t> in{input.const_data_ptr<scalar_t>(), offset.const_data_ptr<scalar_t>(),
+                              mask.const_data_ptr<scalar_t>()};
+    const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
+    const Grads<scalar_t> grads{grad_input.mutable_data_ptr<float>(), grad_offset.mutable_data_ptr<scalar_t>(),
+                                grad_mask.mutable_data_ptr<scalar_t>()};
+    // A float4 atomic is the widest: owning more channels than 4 would halve the threads without saving atomics.
+    constexpr int kMaxVec = 4;
+    const int vec = pick_vector_width<scalar_t>(g, {in.input, go}, kMaxVec);
+    const Launch shape = launch_shape(g, vec);
+    const size_t scratch = mask_softmax ? (kBlockThreads / shape.lanes) * g.points * sizeof(float) : 0;
+    TORCH_CHECK(scratch <= 48 * 1024, "dcnv3 cuda kernel: mask_softmax backward supports up to ",
+                48 * 1024 * shape.lanes / (kBlockThreads * sizeof(float)), " points here, got ", g.points,
+                "; softmax the mask outside the operator instead");
+    with_vector_width<kMaxVec>(vec, [&](auto width) {
+      backward_kernel<scalar_t, decltype(width)::value>
+          <<<shape.grid, kBlockThreads, scratch, stream>>>(in, go, grads, g, shape.lanes, mask_softmax);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
