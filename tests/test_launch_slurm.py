@@ -73,11 +73,7 @@ def test_demo_schedule_two_nodes_survives_scontrol_requeue(tmp_path, capsys):
     mid-pretrain -> coordinated save -> resume; the fine-tune stage starts from the pretrain stage's export."""
     run = tmp_path / "run"
     thread, box = in_thread(run_cli, ["configs/schedules/demo.yaml", *slurm_args(tmp_path), f"run_dir={run}",
-                                      "max_steps=16", "checkpoint.every=8", "logging.every=2",
-                                      # SLURM signals every process of the step; DataLoader workers die of the SIGTERM
-                                      # (torch's worker handler) and fail the rank, so load in the rank process here
-                                      # until pretrain/data/loader.py makes its workers ignore SIGTERM/SIGUSR2.
-                                      "data.workers=0"])
+                                      "max_steps=16", "checkpoint.every=8", "logging.every=2"])
     pre, fine = run / "pretrain", run / "finetune"
     wait_for(lambda: any(m.get("step", 0) >= 4 and "loss" in m for m in metrics(pre)), timeout=150,
              what="pretrain step 4")

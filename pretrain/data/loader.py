@@ -7,6 +7,7 @@ the streams to DataLoader workers rotated so that worker 0 serves the next batch
 so the batches come in exactly the uninterrupted order. Each epoch starts fresh workers with the epoch's position.
 """
 import dataclasses
+import signal
 from collections.abc import Iterator
 
 import torch
@@ -36,6 +37,13 @@ def make_decoder(cfg: DataConfig, train: bool) -> SampleDecoder:
     if train:
         return SampleDecoder(cfg.task, train_transform(cfg), tokenizer, uses_numpy=bool(cfg.augment.randaugment))
     return SampleDecoder(cfg.task, eval_transform(cfg), tokenizer, optional_label=True)
+
+
+def ignore_stop_signals(_worker_id: int):
+    """SLURM signals every process of a job step on preemption or requeue. A worker that dies of it takes the rank
+    down before the rank can save; the rank alone handles those signals, and its workers exit with it."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 @dataclasses.dataclass
@@ -91,7 +99,7 @@ class TrainLoader:
                 self.position = Position(self.position.epoch + 1, 0, [0] * self.dataset.streams)
             self.dataset.position = dataclasses.replace(self.position, offsets=list(self.position.offsets))
             loader = DataLoader(self.dataset, batch_size=None, num_workers=self.dataset.cfg.workers,
-                                pin_memory=torch.cuda.is_available())
+                                pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_stop_signals)
             for batch in loader:
                 self.position.offsets[self.position.step % self.dataset.streams] = batch.pop("position")
                 self.position.step += 1
@@ -166,4 +174,4 @@ def build_eval_loader(cfg: DataConfig, *, rank: int, world_size: int, batch_size
     urls = shards.expand_shards(cfg.val)
     dataset = EvalStream(cfg, urls, rank=rank, world_size=world_size, batch_size=batch_size)
     return DataLoader(dataset, batch_size=None, num_workers=min(cfg.workers, len(urls)),
-                      pin_memory=torch.cuda.is_available())
+                      pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_stop_signals)
