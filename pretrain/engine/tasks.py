@@ -65,6 +65,12 @@ class ImageTextTask:
                                 width=text.width, heads=text.heads, layers=text.layers, output_dim=text.embed_dim)
         return ImageTextModel(visual, tower)
 
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict):
+        pass
+
     def loss(self, model, batch, dtype):
         image_features, text_features, logit_scale = model(batch["image"].to(dtype), batch["text"])
         loss = self.loss_fn(image_features, text_features, logit_scale)
@@ -105,6 +111,14 @@ class ClassificationTask:
 
     def build(self, zero_init=nullcontext()):
         return build_vision_tower(self.cfg, self.cfg.num_classes, zero_init)
+
+    def state_dict(self) -> dict:
+        """The mixup draw counter: with it a resumed run mixes its batches as the uninterrupted one would."""
+        return {"mixup": self.mixup.state_dict()} if self.mixup is not None else {}
+
+    def load_state_dict(self, state: dict):
+        if self.mixup is not None:
+            self.mixup.load_state_dict(state["mixup"])
 
     def loss(self, model, batch, dtype):
         images, labels = batch["image"], batch["label"]

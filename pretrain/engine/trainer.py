@@ -60,9 +60,8 @@ class Trainer:
                                                              "zero_optimization": {"stage": 3}}) \
             if cfg.zero.stage == 3 else nullcontext()
         model = self.task.build(zero_init)
-        self.vision = model.visual if cfg.task == "image-text" else model
         if cfg.model.pretrained and tag is None:
-            load_backbone(self.vision, cfg.model.pretrained)
+            load_backbone(model.visual if cfg.task == "image-text" else model, cfg.model.pretrained)
 
         base_lr = peak_lr(cfg, world.size)
         depths = list(self._depths())
@@ -90,6 +89,7 @@ class Trainer:
             seed_everything(self.cfg.seed * 1000 + self.world.rank + 1 + self.step)  # so both start afresh
             return
         self.loader.load_state_dict(rank_state["loader"])
+        self.task.load_state_dict(rank_state["task"])
         if self.ema is not None and "ema" in rank_state:
             self.ema.load_state_dict(rank_state["ema"])
 
@@ -173,7 +173,7 @@ class Trainer:
     # -- checkpoints and evaluation
 
     def _save(self):
-        rank_state = {"loader": self.loader.state_dict()}
+        rank_state = {"loader": self.loader.state_dict(), "task": self.task.state_dict()}
         if self.ema is not None:
             rank_state["ema"] = self.ema.state_dict()
         self.checkpoints.save(self.engine, self.step, rank_state)
