@@ -46,13 +46,4 @@ std::vector<at::Tensor> backward(const at::Tensor& input, const at::Tensor& offs
 }  // namespace
 }  // namespace dcnv3
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "DCNv3 CUDA kernel (float32, float16, bfloat16 with float32 accumulation)";
-  m.def("forward", &dcnv3::forward, "DCNv3 forward", pybind11::arg("input"), pybind11::arg("offset"),
-        pybind11::arg("mask"), pybind11::arg("layout"), pybind11::arg("offset_scale"), pybind11::arg("remove_center"),
-        pybind11::arg("mask_softmax"));
-  m.def("backward", &dcnv3::backward, "DCNv3 backward: grads of input, offset and mask (logits if mask_softmax)",
-        pybind11::arg("input"), pybind11::arg("offset"), pybind11::arg("mask"), pybind11::arg("grad_output"),
-        pybind11::arg("layout"), pybind11::arg("offset_scale"), pybind11::arg("remove_center"),
-        pybind11::arg("mask_softmax"));
-}
+DCNV3_BIND_MODULE("DCNv3 CUDA kernel (float32, float16, bfloat16 with float32 accumulation)")

@@ -55,3 +55,15 @@ inline Geometry make_geometry(const at::Tensor& input, const at::Tensor& offset,
 
 }  // namespace dcnv3
 
+// The Python module of each extension: the same two functions, whichever device they run on.
+#define DCNV3_BIND_MODULE(DOC)                                                                                        \
+  PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {                                                                          \
+    m.doc() = DOC;                                                                                                    \
+    m.def("forward", &dcnv3::forward, "DCNv3 forward", pybind11::arg("input"), pybind11::arg("offset"),               \
+          pybind11::arg("mask"), pybind11::arg("layout"), pybind11::arg("offset_scale"),                             \
+          pybind11::arg("remove_center"), pybind11::arg("mask_softmax"));                                            \
+    m.def("backward", &dcnv3::backward, "DCNv3 backward: grads of input, offset and mask (logits if mask_softmax)",  \
+          pybind11::arg("input"), pybind11::arg("offset"), pybind11::arg("mask"), pybind11::arg("grad_output"),     \
+          pybind11::arg("layout"), pybind11::arg("offset_scale"), pybind11::arg("remove_center"),                   \
+          pybind11::arg("mask_softmax"));                                                                            \
+  }

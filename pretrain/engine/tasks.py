@@ -43,10 +43,6 @@ class ImageTextModel(nn.Module):
 
 
 class ImageTextTask:
-    name = "image-text"
-    vision_prefix = "visual."
-    metric = "zero_shot_top1"
-
     def __init__(self, cfg: StageConfig, world: World):
         from open_clip.loss import ClipLoss
 
@@ -99,10 +95,6 @@ class ImageTextTask:
 
 
 class ClassificationTask:
-    name = "classification"
-    vision_prefix = ""
-    metric = "top1"
-
     def __init__(self, cfg: StageConfig, world: World):
         from pretrain.data import build_mixup
 
