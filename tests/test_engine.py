@@ -189,3 +189,27 @@ def test_finetune_from_export_with_mixup_and_partitioned_ema(reference_run, tmp_
 
     total = sum(p.numel() for p in create_model(cfg.model.name, **cfg.model.args, num_classes=10).parameters())
     assert per_rank[0] == per_rank[1] and total <= sum(per_rank) < total + 2 * len(shadows[0])
+
+
+def test_bad_samples_are_skipped_and_reported_without_stopping_the_run(tmp_path):
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(buffer, format="JPEG")
+    good = buffer.getvalue()
+    with wds.TarWriter(str(tmp_path / "broken.tar")) as tar:
+        for i in range(20):
+            tar.write({"__key__": f"t{i}", "jpg": good[: len(good) // 2], "txt": "a truncated jpeg"})
+            tar.write({"__key__": f"h{i}", "jpg": b"<html>not an image</html>", "txt": "html saved as .jpg"})
+            tar.write({"__key__": f"c{i}", "jpg": good})  # no caption
+    demo = REPO / "data/demo/image-text/train/{00000..00007}.tar"
+    train = f'[{{shards: "{demo}"}}, {{shards: "{tmp_path / "broken.tar"}", weight: 0.5}}]'
+    result = run(tmp_path / "run", "max_steps=4", f"data.train={train}", "data.samples_per_epoch=1000")
+    assert result["status"] == "completed"
+    logged = [r for r in records(tmp_path / "run") if "loss" in r]
+    assert sum(r["skipped"] for r in logged) > 0
+    reasons = {k for r in logged for k in r if k.startswith("skipped/")}
+    assert reasons and all(sum(r.get(k, 0) for r in logged) > 0 for k in reasons)

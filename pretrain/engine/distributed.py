@@ -51,18 +51,27 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], device=device, dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: v / dist.get_world_size() for k, v in zip(keys, t.tolist())}
-
-
 def sum_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Per-key sums over ranks; every rank must pass the same keys."""
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], device=device, dtype=torch.float64)
     dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
+
+
+def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    return {k: v / dist.get_world_size() for k, v in sum_over_ranks(values, device).items()}
+
+
+def sum_counts_over_ranks(counts: dict[str, int]) -> dict[str, int]:
+    """Per-key sums where ranks may hold different keys (e.g. skipped samples by reason)."""
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, counts)
+    total: dict[str, int] = {}
+    for rank_counts in every:
+        for key, count in rank_counts.items():
+            total[key] = total.get(key, 0) + count
+    return total
 
 
 def shutdown():

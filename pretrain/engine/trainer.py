@@ -12,7 +12,8 @@ import torch
 from pretrain.config import StageConfig, load_stage_config, save_resolved
 from pretrain.engine import preemption
 from pretrain.engine.checkpoint import CheckpointManager
-from pretrain.engine.distributed import World, any_rank, init_distributed, mean_over_ranks, seed_everything, shutdown, sum_over_ranks
+from pretrain.engine.distributed import (World, any_rank, init_distributed, mean_over_ranks, seed_everything, shutdown,
+                                         sum_counts_over_ranks)
 from pretrain.engine.ema import PartitionedEMA
 from pretrain.engine.metrics import MetricsLogger, device_peak_tflops, peak_memory_per_rank, train_flops_per_sample
 from pretrain.engine.optim import deepspeed_config, param_groups, peak_lr, scheduler_factory
@@ -150,10 +151,10 @@ class Trainer:
     def _report(self, window: "_Window", flops_per_sample: float) -> dict:
         device = self.world.device
         averaged = mean_over_ranks({"loss": window.mean("loss"), **window.extras()}, device)
-        skipped = sum_over_ranks({f"skipped/{k}": v for k, v in window.skipped.items()} or {"skipped/none": 0}, device)
+        skipped = sum_counts_over_ranks(window.skipped)
         samples_per_s = window.samples * self.world.size / max(window.elapsed(), 1e-9)
         report = {**averaged, "lr": self.scheduler.get_last_lr()[0], "samples_per_s": samples_per_s,
-                  "skipped": int(sum(skipped.values())), **{k: int(v) for k, v in skipped.items() if k != "skipped/none"},
+                  "skipped": sum(skipped.values()), **{f"skipped/{k}": v for k, v in skipped.items()},
                   "peak_memory_mb": peak_memory_per_rank(device),
                   "tflops_per_device": flops_per_sample * samples_per_s / self.world.size / 1e12}
         peak = device_peak_tflops(device, self.cfg.logging.peak_tflops)
