@@ -15,8 +15,9 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).resolve().parent
 DCNV3_SOURCES = Path("csrc") / "dcnv3"
 # -fopenmp: at::parallel_for is a header template that runs serially unless the extension itself is built with OpenMP
-# (torch's libgomp is the one loaded at run time). Accumulating reductions (the backward's dot products) vectorise only when the compiler may reorder them; these flags
-# allow that without -ffast-math's global side effects (flush-to-zero at load time) or its NaN assumptions.
+# (torch's libgomp is the one loaded at run time). Accumulating reductions (the backward's dot products) vectorise
+# only when the compiler may reorder them; these flags allow that without -ffast-math's global side effects
+# (flush-to-zero at load time) or its NaN assumptions.
 CPU_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
 
 
