@@ -13,6 +13,10 @@ def add_arguments(parser) -> None:
     check.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     check.add_argument("--batch-size", type=int, default=64)
     check.add_argument("--image-size", type=int, default=224)
+    limits = check.add_argument_group("limits", "data.limits of the stage configs; unset: the same defaults")
+    limits.add_argument("--member-bytes", type=int, help="largest tar member read (bytes)")
+    limits.add_argument("--image-pixels", type=int, help="largest image decoded (width x height)")
+    limits.add_argument("--caption-chars", type=int, help="captions are cut to this many characters")
 
 
 def main(args) -> int:
@@ -20,9 +24,11 @@ def main(args) -> int:
 
     from pretrain.data.check import check_shards, is_healthy
 
+    limits = {key: getattr(args, key) for key in ("member_bytes", "image_pixels", "caption_chars")
+              if getattr(args, key) is not None}
     try:
         report = check_shards(args.shards, args.task, workers=args.workers, batch_size=args.batch_size,
-                              image_size=args.image_size)
+                              image_size=args.image_size, limits=limits)
     except (FileNotFoundError, ValueError) as error:
         print(json.dumps({"error": str(error), "samples": 0, "skipped": 0, "skipped_by_reason": {}}))
         return 2

@@ -81,6 +81,32 @@ class Augment:
 
 
 @dataclass
+class Limits:
+    """Bounds on the work one shard or sample can cause, so that a broken or hostile shard costs a counted skip and
+    never a rank's memory or time. Samples over a limit are skipped, and counted by reason, like bad samples."""
+
+    shard_failures: int = 16
+    """Training stops, naming the source, when this many of its shards in a row give no readable sample (cannot be
+    opened, are not tars, hold nothing usable). Evaluation and `pretrain data check` read each shard once anyway."""
+    member_bytes: int = 32 * 2**20
+    """Largest tar member read, in bytes, judged from its header: a bigger one is left unread and its sample skipped.
+    32 MiB holds any web image (an 8K JPEG is ~10 MB) and any caption."""
+    image_pixels: int = 2**25
+    """Largest image decoded, in pixels (width x height from its header): 2**25 = 33.5 Mpx, an 8K x 4K image, ~100 MB
+    once decoded. PIL's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS) applies too and also skips."""
+    caption_chars: int = 4096
+    """Captions are cut to this many characters before tokenising (counted as truncated_caption; the sample is kept).
+    4096 > 128 tokens of the vocabulary's longest (28 characters), so no realistic caption within context_length
+    tokens loses any; raise it for a context_length above 128."""
+
+    def __post_init__(self):
+        for name in ("shard_failures", "member_bytes", "image_pixels", "caption_chars"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"data.limits.{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
 class DataConfig:
     """Where the shards are and how samples become batches. Every random stream derives from the run seed."""
 
@@ -104,10 +130,12 @@ class DataConfig:
     shuffle_buffer: int = 5000
     """Samples held by the shuffle buffer of each source in each worker."""
     augment: Augment = field(default_factory=Augment)
+    limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self):
         self.train = [_coerce(Source, s, "data.train[]") for s in self.train]
         self.augment = _coerce(Augment, self.augment, "data.augment")
+        self.limits = _coerce(Limits, self.limits, "data.limits")
         if self.task not in TASKS:
             raise ValueError(f"data.task must be one of {TASKS}, got {self.task!r}")
         if not self.train and self.demo_root is None:

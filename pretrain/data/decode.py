@@ -2,17 +2,22 @@
 
 Only the members named in WANTED_MEMBERS are ever read from a tar, and they are decoded here as images, UTF-8 text or
 integers: a shard is untrusted input, so nothing is unpickled (webdataset's default decoders would unpickle .pyd).
+Work per sample is bounded by data.limits: a member left unread for its size (None, see tars.py) skips its sample, an
+image is measured from its header before it is decoded, and a caption is cut before it is tokenised.
 """
 import io
+import warnings
 
 import torch
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
 from pretrain.data import stats
+from pretrain.data.config import Limits
 from pretrain.data.rng import seeded_global_rngs
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")  # by content, whatever the extension says; no other PIL plugin is tried
 WANTED_MEMBERS = frozenset(IMAGE_EXTENSIONS + ("txt", "cls"))
 NO_LABEL = -1  # image-text evaluation samples without KEY.cls
 
@@ -29,25 +34,47 @@ def is_wanted_member(name: str) -> bool:
     return extension is not None and extension.lower() in WANTED_MEMBERS
 
 
-def read_image(sample: dict) -> Image.Image:
-    data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
-    if data is None:
-        raise Skip(stats.MISSING_IMAGE)
+def check_member_sizes(sample: dict) -> None:
+    if any(value is None for key, value in sample.items() if not key.startswith("__")):
+        raise Skip(stats.OVERSIZED_MEMBER)
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Read the header only. PIL warns, then raises, past its own pixel limit: both make the image a skip, so its
+    warning can never let a bomb through whatever limits.image_pixels says."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")  # decodes fully, so a truncated file fails here, not in a transform
-    except Exception as error:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError... on bad bytes
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+        raise Skip(stats.OVERSIZED_IMAGE) from error
+    except Exception as error:  # PIL raises OSError, ValueError, SyntaxError... on bad bytes
         raise Skip(stats.BAD_IMAGE) from error
 
 
-def read_caption(sample: dict) -> str:
+def read_image(sample: dict, max_pixels: int) -> Image.Image:
+    data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+    if data is None:
+        raise Skip(stats.MISSING_IMAGE)
+    with open_image(data) as image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise Skip(stats.OVERSIZED_IMAGE)
+        try:
+            return image.convert("RGB")  # decodes fully, so a truncated file fails here, not in a transform
+        except Exception as error:
+            raise Skip(stats.BAD_IMAGE) from error
+
+
+def read_caption(sample: dict, max_chars: int) -> tuple[str, bool]:
+    """The caption, cut to max_chars, and whether it was cut."""
     try:
         caption = sample["txt"].decode("utf-8").strip()
     except (KeyError, UnicodeDecodeError) as error:
         raise Skip(stats.MISSING_CAPTION) from error
     if not caption:
         raise Skip(stats.MISSING_CAPTION)
-    return caption
+    return caption[:max_chars], len(caption) > max_chars
 
 
 def read_label(sample: dict) -> int:
@@ -58,24 +85,31 @@ def read_label(sample: dict) -> int:
 
 
 class SampleDecoder:
-    """Decodes and augments one sample; augmentation randomness comes from the seed given with the sample."""
+    """Decodes and augments one sample; augmentation randomness comes from the seed given with the sample.
+    A kept sample that was altered lists why under "__altered__" (reasons from stats.NOT_SKIPS)."""
 
-    def __init__(self, task: str, transform, tokenizer=None, optional_label: bool = False, uses_numpy: bool = False):
+    def __init__(self, task: str, transform, tokenizer=None, optional_label: bool = False, uses_numpy: bool = False,
+                 limits: Limits | None = None):
         self.task = task
         self.transform = transform
         self.tokenizer = tokenizer
         self.optional_label = optional_label  # image-text evaluation keeps KEY.cls when present, for zero-shot
         self.uses_numpy = uses_numpy
+        self.limits = limits or Limits()
 
     def __call__(self, sample: dict, seed: int) -> dict:
+        check_member_sizes(sample)
         out = {}
         if self.task == "image-text":
-            out["text"] = self.tokenizer([read_caption(sample)])[0]
+            caption, truncated = read_caption(sample, self.limits.caption_chars)
+            out["text"] = self.tokenizer([caption])[0]
+            if truncated:
+                out["__altered__"] = (stats.TRUNCATED_CAPTION,)
             if self.optional_label:
                 out["label"] = read_label(sample) if "cls" in sample else NO_LABEL
         else:
             out["label"] = read_label(sample)
-        image = read_image(sample)
+        image = read_image(sample, self.limits.image_pixels)
         with seeded_global_rngs(seed, self.uses_numpy):
             out["image"] = self.transform(image)
         return out

@@ -5,8 +5,17 @@ function of (seed, epoch, rank, stream) (pipeline.train_pipeline). The position 
 the raw samples consumed); a resumed loader rebuilds each stream, drops the consumed raw samples undecoded, and hands
 the streams to DataLoader workers rotated so that worker 0 serves the next batch. PyTorch reads workers round-robin,
 so the batches come in exactly the uninterrupted order. Each epoch starts fresh workers with the epoch's position.
+
+Workers. A rank has gloo, DeepSpeed and TensorBoard threads running by the time it starts workers, and on CPython
+before 3.12 (before 3.11.10, 3.10.15...) a child forked while another thread holds the interpreter's HEAD_LOCK hangs
+in PyOS_AfterFork_Child (gh-112275). Workers therefore come from a forkserver: a single-threaded process started once
+per rank (by fork+exec, which is safe) that has imported the workers' modules and loaded the vocabulary before it
+forks any, so a start costs a fork of a thread-free process and the unpickling of a few KB of dataset; only the first
+start waits for the server's imports.
 """
 import dataclasses
+import functools
+import multiprocessing
 import signal
 from collections.abc import Iterator
 
@@ -35,8 +44,9 @@ def resolve_demo(cfg: DataConfig) -> DataConfig:
 def make_decoder(cfg: DataConfig, train: bool) -> SampleDecoder:
     tokenizer = get_tokenizer(cfg.context_length) if cfg.task == "image-text" else None
     if train:
-        return SampleDecoder(cfg.task, train_transform(cfg), tokenizer, uses_numpy=bool(cfg.augment.randaugment))
-    return SampleDecoder(cfg.task, eval_transform(cfg), tokenizer, optional_label=True)
+        return SampleDecoder(cfg.task, train_transform(cfg), tokenizer, uses_numpy=bool(cfg.augment.randaugment),
+                             limits=cfg.limits)
+    return SampleDecoder(cfg.task, eval_transform(cfg), tokenizer, optional_label=True, limits=cfg.limits)
 
 
 def ignore_stop_signals(_worker_id: int):
@@ -44,6 +54,21 @@ def ignore_stop_signals(_worker_id: int):
     down before the rank can save; the rank alone handles those signals, and its workers exit with it."""
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
+
+
+@functools.cache
+def worker_context() -> multiprocessing.context.BaseContext:
+    """The forkserver context; its server starts with the first worker and lives as long as the rank, having loaded
+    what the workers need (forkserver_preload)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["pretrain.data.forkserver_preload"])
+    return context
+
+
+def make_loader(dataset: IterableDataset, workers: int) -> DataLoader:
+    """A DataLoader of ready-made batches, its workers (if any) started from the forkserver."""
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=ignore_stop_signals, multiprocessing_context=worker_context() if workers else None)
 
 
 @dataclasses.dataclass
@@ -62,7 +87,7 @@ class TrainStream(IterableDataset):
         self.rank, self.world_size, self.batch_size, self.seed = rank, world_size, batch_size, seed
         self.steps_per_epoch = steps_per_epoch
         self.streams = max(1, cfg.workers)
-        self.decoder = make_decoder(cfg, train=True)  # built before the workers fork, which then share it
+        self.decoder = make_decoder(cfg, train=True)  # built once, pickled to each worker
         self.position = Position(0, 0, [0] * self.streams)
 
     def __iter__(self) -> Iterator[dict]:
@@ -73,8 +98,9 @@ class TrainStream(IterableDataset):
         if n_batches == 0:
             return iter(())
         return iter(train_pipeline(
-            sources=self.sources, weights=[s.weight for s in self.cfg.train], resampled=self.cfg.resampled,
-            shuffle_buffer=self.cfg.shuffle_buffer, decoder=self.decoder, batch_size=self.batch_size,
+            sources=self.sources, names=[s.shards for s in self.cfg.train], weights=[s.weight for s in self.cfg.train],
+            resampled=self.cfg.resampled, shuffle_buffer=self.cfg.shuffle_buffer, limits=self.cfg.limits,
+            decoder=self.decoder, batch_size=self.batch_size,
             n_batches=n_batches, start=self.position.offsets[stream], seed=self.seed, epoch=self.position.epoch,
             rank=self.rank, world_size=self.world_size, stream=stream, streams=self.streams, counter=SkipCounter()))
 
@@ -98,9 +124,7 @@ class TrainLoader:
             if self.position.step >= self.steps_per_epoch:
                 self.position = Position(self.position.epoch + 1, 0, [0] * self.dataset.streams)
             self.dataset.position = dataclasses.replace(self.position, offsets=list(self.position.offsets))
-            loader = DataLoader(self.dataset, batch_size=None, num_workers=self.dataset.cfg.workers,
-                                pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_stop_signals)
-            for batch in loader:
+            for batch in make_loader(self.dataset, self.dataset.cfg.workers):
                 self.position.offsets[self.position.step % self.dataset.streams] = batch.pop("position")
                 self.position.step += 1
                 yield batch
@@ -150,6 +174,7 @@ class EvalStream(IterableDataset):
 
     def __init__(self, cfg: DataConfig, urls: list[str], *, rank: int, world_size: int, batch_size: int):
         self.urls, self.rank, self.world_size, self.batch_size = urls, rank, world_size, batch_size
+        self.member_bytes = cfg.limits.member_bytes
         self.decoder = make_decoder(cfg, train=False)
 
     def batches(self, counter: SkipCounter) -> Iterator[dict]:
@@ -157,8 +182,9 @@ class EvalStream(IterableDataset):
         urls = self.urls[info.id::info.num_workers] if info else self.urls
         if not urls:
             return iter(())
-        return iter(eval_pipeline(urls=urls, decoder=self.decoder, batch_size=self.batch_size, rank=self.rank,
-                                  world_size=self.world_size, counter=counter))
+        return iter(eval_pipeline(urls=urls, member_bytes=self.member_bytes, decoder=self.decoder,
+                                  batch_size=self.batch_size, rank=self.rank, world_size=self.world_size,
+                                  counter=counter))
 
     def __iter__(self) -> Iterator[dict]:
         return self.batches(SkipCounter())
@@ -173,5 +199,4 @@ def build_eval_loader(cfg: DataConfig, *, rank: int, world_size: int, batch_size
         raise ValueError("data.val is not set")
     urls = shards.expand_shards(cfg.val)
     dataset = EvalStream(cfg, urls, rank=rank, world_size=world_size, batch_size=batch_size)
-    return DataLoader(dataset, batch_size=None, num_workers=min(cfg.workers, len(urls)),
-                      pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_stop_signals)
+    return make_loader(dataset, min(cfg.workers, len(urls)))

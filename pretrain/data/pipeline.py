@@ -2,19 +2,16 @@
 import functools
 import itertools
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import webdataset as wds
 
 from pretrain.data import shards
-from pretrain.data.decode import Skip, SampleDecoder, collate, is_wanted_member
+from pretrain.data.config import Limits
+from pretrain.data.decode import Skip, SampleDecoder, collate
 from pretrain.data.rng import derive_seed
-from pretrain.data.stats import UNREADABLE_SHARD, SkipCounter
-
-
-def read_tars(counter: SkipCounter):
-    """Shard urls -> raw samples (dicts of member bytes); unreadable shards and members are counted and skipped."""
-    return wds.tarfile_to_samples(handler=counter.handler(UNREADABLE_SHARD), select_files=is_wanted_member)
+from pretrain.data.stats import SkipCounter
+from pretrain.data.tars import ShardFailures, read_tars
 
 
 def mix(sources: list[Iterable[dict]], weights: list[float], rng: random.Random) -> Iterator[dict]:
@@ -56,6 +53,8 @@ def decode(samples: Iterable[dict], decoder: SampleDecoder, seed: int, counter: 
                                    f"{sample['__url__']}); check data.task and the shards") from None
             continue
         in_a_row = 0
+        for reason in decoded.pop("__altered__", ()):
+            counter.note(reason, f"{sample['__url__']}:{sample['__key__']}")
         decoded["__index__"] = sample.get("__index__")
         yield decoded
 
@@ -86,36 +85,35 @@ def take(items: Iterable, n: int) -> Iterator:
     return itertools.islice(items, n)
 
 
-def source_samples(urls: list[str], *, resampled: bool, seed: int, epoch_seed: int, rank: int, world_size: int,
-                   stream: int, streams: int, shuffle_buffer: int, counter: SkipCounter) -> Iterator[dict]:
+def source_samples(urls: list[str], *, read: Callable[[Iterable[dict]], Iterator[dict]], resampled: bool, seed: int,
+                   epoch_seed: int, rank: int, world_size: int, stream: int, streams: int,
+                   shuffle_buffer: int) -> Iterator[dict]:
     """Endless shuffled raw samples of one source for one stream: shards drawn with replacement (seeded per rank and
     stream), or passes over this rank's and stream's share of the epoch's shuffled shard list; a pass is shuffled on
-    its own, so one pass over the shares of all ranks and streams holds every sample once."""
+    its own, so one pass over the shares of all ranks and streams holds every sample once. `read` (tars.read_tars)
+    raises once too many shards in a row fail, which ends either loop on a source of broken shards."""
     # a fifth of the buffer fills before the first sample leaves, trading start-up time for early mixing
     shuffle = wds.shuffle(shuffle_buffer, initial=max(1, shuffle_buffer // 5), rng=random.Random(seed))
     if resampled:
-        yield from wds.DataPipeline(functools.partial(shards.resampled_shards, urls, seed), read_tars(counter), shuffle)
+        yield from wds.DataPipeline(functools.partial(shards.resampled_shards, urls, seed), read, shuffle)
         return
     for pass_index in itertools.count():
         share = shards.split_shards(urls, epoch_seed, rank, world_size, stream, streams, pass_index)
-        read = 0
-        for sample in wds.DataPipeline(wds.SimpleShardList(share), read_tars(counter), shuffle):
-            read += 1
-            yield sample
-        if not read:  # else an all-unreadable share would spin here forever
-            raise RuntimeError(f"no readable sample in shards {share}")
+        yield from wds.DataPipeline(wds.SimpleShardList(share), read, shuffle)
 
 
-def train_pipeline(*, sources: list[list[str]], weights: list[float], resampled: bool, shuffle_buffer: int,
-                   decoder: SampleDecoder, batch_size: int, n_batches: int, start: int, seed: int, epoch: int,
-                   rank: int, world_size: int, stream: int, streams: int, counter: SkipCounter) -> wds.DataPipeline:
-    """`n_batches` batches of one stream of one epoch, from raw sample `start` on: a pure function of its arguments."""
+def train_pipeline(*, sources: list[list[str]], names: list[str], weights: list[float], resampled: bool,
+                   shuffle_buffer: int, limits: Limits, decoder: SampleDecoder, batch_size: int, n_batches: int,
+                   start: int, seed: int, epoch: int, rank: int, world_size: int, stream: int, streams: int,
+                   counter: SkipCounter) -> wds.DataPipeline:
+    """`n_batches` batches of one stream of one epoch, from raw sample `start` on: a pure function of its arguments.
+    `names` are the sources' patterns, for the error that ends a source of broken shards."""
     stream_seed = derive_seed(seed, epoch, rank, stream)
     per_source = [
-        source_samples(urls, resampled=resampled, seed=derive_seed(stream_seed, i), epoch_seed=derive_seed(seed, epoch),
-                       rank=rank, world_size=world_size, stream=stream, streams=streams, shuffle_buffer=shuffle_buffer,
-                       counter=counter)
-        for i, urls in enumerate(sources)
+        source_samples(urls, read=read_tars(counter, limits.member_bytes, ShardFailures(name, limits.shard_failures)),
+                       resampled=resampled, seed=derive_seed(stream_seed, i), epoch_seed=derive_seed(seed, epoch),
+                       rank=rank, world_size=world_size, stream=stream, streams=streams, shuffle_buffer=shuffle_buffer)
+        for i, (urls, name) in enumerate(zip(sources, names))
     ]
     return wds.DataPipeline(
         functools.partial(mix, per_source, weights, random.Random(stream_seed)),
@@ -137,12 +135,12 @@ def every_nth_per_shard(samples: Iterable[dict], rank: int, world_size: int) -> 
             yield sample
 
 
-def eval_pipeline(*, urls: list[str], decoder: SampleDecoder, batch_size: int, rank: int, world_size: int,
-                  counter: SkipCounter) -> wds.DataPipeline:
+def eval_pipeline(*, urls: list[str], member_bytes: int, decoder: SampleDecoder, batch_size: int, rank: int,
+                  world_size: int, counter: SkipCounter) -> wds.DataPipeline:
     """This worker's shards in order, this rank's samples of them, and a partial last batch."""
     return wds.DataPipeline(
         wds.SimpleShardList(urls),
-        read_tars(counter),
+        read_tars(counter, member_bytes),
         functools.partial(every_nth_per_shard, rank=rank, world_size=world_size),
         functools.partial(decode, decoder=decoder, seed=0, counter=counter),
         functools.partial(batches, size=batch_size, collation_fn=functools.partial(batch_with_skips, counter=counter),
