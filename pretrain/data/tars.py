@@ -1,12 +1,17 @@
-"""Shard urls -> raw samples (dicts of member bytes), with the work a shard can cause bounded.
+"""Shard urls -> raw samples (dicts of member bytes), with the work one shard can cause bounded.
 
 webdataset's tar iterator reads every selected member whole, so a small gzip shard could make a worker hold a member
-of any size. Here each member is judged by its tar header first: a wanted member over `member_bytes` is never read
-(tarfile's streaming mode steps over it in small blocks) and stands in its sample as None, which the decoder skips;
-an extended header (a long name or a PAX record, which tarfile reads whole) over EXTENDED_HEADER_BYTES ends the
-shard. Members are grouped into samples by webdataset's group_by_keys. Shards are opened here rather than through
-webdataset's url_opener so that a shard that cannot even be opened counts as a failed shard too.
+of any size. Here each member is judged by its tar header first: a wanted member over `max_bytes` is never read
+(tarfile's streaming mode steps over it block by block) and stands in its sample as None, which the decoder skips; an
+extended header (a long name or a PAX record, which tarfile reads whole) over EXTENDED_HEADER_BYTES ends the shard.
+Compressed shards are inflated by gzip/bz2/lzma's readers, which inflate no more than is asked for (tarfile's own
+"r|*" inflates each 10 KB read whole: 10 MB buffers from a member of zeros, copied again for every block skipped).
+Members become samples through webdataset's group_by_keys. Shards are opened here, not by webdataset's url_opener,
+so that one that cannot even be opened counts as a failed shard too.
 """
+import bz2
+import gzip
+import lzma
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 
@@ -33,14 +38,45 @@ class BoundedTarInfo(tarfile.TarInfo):
         return info
 
 
+COMPRESSED = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ\x00": lzma.open}  # by magic number
+
+
+class Rewound:
+    """A stream with the bytes already read from it (to tell its compression) put back in front."""
+
+    def __init__(self, head: bytes, stream):
+        self.head, self.stream = head, stream
+
+    def read(self, size: int = -1) -> bytes:
+        if not self.head:
+            return self.stream.read(size)
+        if 0 <= size <= len(self.head):
+            head, self.head = self.head[:size], self.head[size:]
+            return head
+        head, self.head = self.head, b""
+        return head + self.stream.read(-1 if size < 0 else size - len(head))
+
+
+def decompressed(stream):
+    """The tar bytes of a stream, compressed or not, told apart by their first bytes as tarfile's "r|*" does."""
+    head = stream.read(6)
+    rewound = Rewound(head, stream)
+    opener = next((opener for magic, opener in COMPRESSED.items() if head.startswith(magic)), None)
+    return opener(rewound) if opener else rewound
+
+
 def tar_members(stream, url: str, max_bytes: int) -> Iterator[dict]:
     """The wanted regular members of one tar (or .tar.gz/.bz2/.xz) stream, as group_by_keys takes them."""
-    tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=BoundedTarInfo)
-    for info in tar:
-        tar.members = []  # streaming mode keeps every header it has read
-        if info.isreg() and is_wanted_member(info.name):
-            data = tar.extractfile(info).read() if info.size <= max_bytes else None
-            yield {"fname": info.name, "data": data, "__url__": url}
+    try:
+        tar = tarfile.open(fileobj=decompressed(stream), mode="r|", tarinfo=BoundedTarInfo)
+        for info in tar:
+            tar.members = []  # streaming mode keeps every header it has read
+            if info.isreg() and is_wanted_member(info.name):
+                data = tar.extractfile(info).read() if info.size <= max_bytes else None
+                yield {"fname": info.name, "data": data, "__url__": url}
+    except Exception:
+        yield {}  # group_by_keys hands on the sample it holds, whose members were all read whole; then the error
+        raise
 
 
 def shard_samples(url: str, max_bytes: int, counter: SkipCounter) -> Iterator[dict]:
