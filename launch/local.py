@@ -1,8 +1,9 @@
 """Local launcher: the plan's stages in sequence on this machine, each with N rank processes (gloo on CPU).
 
 Stages whose result.json exists are skipped, so re-running the same command resumes the schedule where it stopped
-(and the engine resumes an unfinished stage from its run_dir). SIGINT/SIGTERM are forwarded to the ranks, whose
-engine saves a checkpoint together before they exit.
+(and the engine resumes an unfinished stage from its run_dir). A first SIGINT/SIGTERM is forwarded to the ranks, whose
+engine saves a checkpoint together before they exit; a second ends them at once. A failing rank ends the stage, and
+its traceback is printed last (failures.py).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from launch import rendezvous
+from launch import failures, rendezvous
 from launch.schedule import Plan, StagePlan, read_result, write_summary
 from launch.worker import DEFAULT_ENGINE, EXIT_PREEMPTED
 
@@ -27,48 +28,99 @@ def rank_command(stage: StagePlan, engine: str) -> list[str]:
     return [sys.executable, "-m", "launch.worker", "--engine", engine, "--stage", json.dumps(stage.to_dict())]
 
 
-def run_stage(stage: StagePlan, nproc: int, engine: str = DEFAULT_ENGINE, log=print) -> int:
-    """Run one stage with `nproc` rank processes; returns 0 completed, EXIT_PREEMPTED, or the failing rank's status."""
+# After a rank fails, its peers get this long to end on their own (gloo peers fail at once; NCCL peers may sit in a
+# collective until its timeout); after a stop request, the ranks get this long to save a checkpoint and exit.
+FAILURE_GRACE_S = 10.0
+STOP_GRACE_S = 300.0
+EXIT_INTERRUPTED = 130
+
+
+class RankGroup:
+    """The rank processes of one stage, each the leader of a process group of its own, so that ending a rank also ends
+    what it started (data workers, `pipe:` commands), and a Ctrl-C at the terminal reaches the launcher alone."""
+
+    def __init__(self, commands: list[list[str]], envs: list[dict[str, str]]):
+        self.procs = [subprocess.Popen(cmd, env=env, start_new_session=True) for cmd, env in zip(commands, envs)]
+        self.ended_by_launcher: set[int] = set()
+
+    def codes(self) -> dict[int, int | None]:
+        return {rank: p.poll() for rank, p in enumerate(self.procs)}
+
+    def running(self) -> list[int]:
+        return [rank for rank, code in self.codes().items() if code is None]
+
+    def terminate(self):
+        """Ask the running ranks to save and stop (SIGTERM: the engine's coordinated checkpoint)."""
+        for rank in self.running():
+            self.procs[rank].send_signal(signal.SIGTERM)
+
+    def kill(self):
+        """End every rank and everything in its process group at once."""
+        for rank, p in enumerate(self.procs):
+            if p.poll() is None:
+                self.ended_by_launcher.add(rank)
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:  # the group is empty: the rank and all it started are gone
+                pass
+        for p in self.procs:
+            p.wait()
+
+
+def run_stage(stage: StagePlan, nproc: int, engine: str = DEFAULT_ENGINE, log=print,
+              failure_grace_s: float = FAILURE_GRACE_S, stop_grace_s: float = STOP_GRACE_S) -> int:
+    """Run one stage with `nproc` rank processes; returns 0 completed, EXIT_PREEMPTED, or non-zero on failure.
+
+    A failing rank ends the stage: the others are asked to stop, then killed after `failure_grace_s`. A first SIGINT or
+    SIGTERM asks every rank to save and stop (killed if still running after `stop_grace_s`), a second ends them at
+    once. Nothing a rank started outlives the stage."""
     port = rendezvous.free_port()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([_repo_root()] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    procs: list[subprocess.Popen] = []
-    for rank in range(nproc):
-        rank_env = dict(env, **rendezvous.local(rank, nproc, port).env())
-        procs.append(subprocess.Popen(rank_command(stage, engine), env=rank_env))
+    started = time.time()
+    ranks = RankGroup([rank_command(stage, engine)] * nproc,
+                      [dict(env, **rendezvous.local(rank, nproc, port).env()) for rank in range(nproc)])
+    deadline: list[float] = []  # when the ranks asked to stop are killed
+    signals: list[int] = []
 
-    def forward(signum, _frame):
-        log(f"[{stage.name}] got {signal.Signals(signum).name}: asking every rank to save and stop")
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
+    def on_signal(signum, _frame):
+        signals.append(signum)
+        if len(signals) > 1:
+            log(f"[{stage.name}] got {signal.Signals(signum).name} again: ending every rank now")
+            deadline[:] = [0.0]
+            return
+        log(f"[{stage.name}] got {signal.Signals(signum).name}: asking every rank to save and stop "
+            "(send it again to end them at once)")
+        ranks.terminate()
+        deadline[:] = [min(deadline + [time.monotonic() + stop_grace_s])]
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    failed = None
     try:
-        failed: tuple[int, int] | None = None
-        while any(p.poll() is None for p in procs):
-            for rank, p in enumerate(procs):
-                code = p.poll()
-                if code not in (None, 0, EXIT_PREEMPTED) and failed is None:
-                    failed = (rank, code)
-                    log(f"[{stage.name}] rank {rank} failed with exit status {code}; stopping the other ranks")
-                    for other in procs:
-                        if other.poll() is None:
-                            other.terminate()
-            time.sleep(0.2)
-        codes = [p.wait() for p in procs]
+        while ranks.running():
+            if failed is None:
+                failed = next((r for r, c in ranks.codes().items() if c not in (None, 0, EXIT_PREEMPTED)), None)
+                if failed is not None:
+                    log(f"[{stage.name}] rank {failed} ended ({failures.describe_exit(ranks.codes()[failed])}); "
+                        "stopping the other ranks")
+                    ranks.terminate()
+                    deadline[:] = [min(deadline + [time.monotonic() + failure_grace_s])]
+            if deadline and time.monotonic() >= deadline[0]:
+                if deadline[0]:
+                    log(f"[{stage.name}] rank(s) {ranks.running()} still running; killing them")
+                break
+            time.sleep(0.1)
     finally:
+        ranks.kill()
         for s, handler in previous.items():
             signal.signal(s, handler)
-        for p in procs:  # never leave a rank behind
-            if p.poll() is None:
-                p.kill()
-    if failed is not None:
-        return failed[1] or 1
-    bad = [c for c in codes if c not in (0, EXIT_PREEMPTED)]
-    if bad:
-        return bad[0]
-    return EXIT_PREEMPTED if EXIT_PREEMPTED in codes else 0
+    codes = ranks.codes()
+    if all(c in (0, EXIT_PREEMPTED) for c in codes.values()):
+        return EXIT_PREEMPTED if EXIT_PREEMPTED in codes.values() else 0
+    if failed is None and signals:
+        return EXIT_INTERRUPTED  # stopped by the user before every rank had saved
+    log(failures.report(stage.name, stage.run_dir, started, codes, frozenset(ranks.ended_by_launcher)))
+    return next((c for c in codes.values() if c not in (0, EXIT_PREEMPTED) and c > 0), 1)
 
 
 def run_plan(plan: Plan, nproc: int, engine: str = DEFAULT_ENGINE, log=print) -> int:
@@ -79,8 +131,10 @@ def run_plan(plan: Plan, nproc: int, engine: str = DEFAULT_ENGINE, log=print) ->
         log(f"[{stage.name}] starting: {nproc} rank(s), run_dir {stage.run_dir}")
         t0 = time.monotonic()
         code = run_stage(stage, nproc, engine, log)
-        if code == EXIT_PREEMPTED:
-            log(f"[{stage.name}] stopped after saving a checkpoint; run the same command again to resume")
+        if code in (EXIT_PREEMPTED, EXIT_INTERRUPTED):
+            saved = "after saving a checkpoint" if code == EXIT_PREEMPTED else "before every rank had saved"
+            log(f"[{stage.name}] stopped {saved}; run the same command again to resume from the last complete "
+                "checkpoint")
             write_summary(plan)
             return 1
         if code != 0:

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from launch.schedule import Plan, StagePlan, read_result, write_summary
-from launch.worker import DEFAULT_ENGINE, load_engine, run_rank
+from launch import failures
+from launch.worker import DEFAULT_ENGINE, EXIT_FAILED, end_with_error, load_engine, run_rank
 
 FINISHED_OK = {"COMPLETED"}
 FINISHED_BAD = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
@@ -70,6 +71,7 @@ class SlurmOptions:
         if not params.get("gpus_per_node"):
             params.pop("gpus_per_node", None)
         params["job_name"] = f"pretrain:{stage.name}"
+        params["srun_args"] = ["--kill-on-bad-exit=1"]  # one failing task ends the step, rather than leaving its peers
         repo = str(Path(__file__).resolve().parent.parent)
         params["setup"] = [f"export PYTHONPATH={shlex.quote(repo)}${{PYTHONPATH:+:$PYTHONPATH}}"]
         return params
@@ -116,12 +118,15 @@ class StageTask:
         try:
             result = run_rank(self.stage, rdzv, self.engine)
         except Exception as error:
+            code = end_with_error(self.stage, rdzv.rank, error)
             if rdzv.rank == 0:
                 cancelled = cancel_dependants(job_env.job_id)
                 if cancelled:
-                    print(f"[{self.stage.name}] failed ({type(error).__name__}: {error}); cancelled the dependent "
-                          f"job(s) {', '.join(cancelled)}", file=sys.stderr, flush=True)
-            raise
+                    print(f"[{self.stage.name}] cancelled the dependent job(s) {', '.join(cancelled)}",
+                          file=sys.stderr, flush=True)
+            if code == EXIT_FAILED:
+                raise  # submitit logs the traceback and records it; the non-zero exit ends the step (--kill-on-bad-exit)
+            sys.exit(code)
         if result["status"] == "completed":
             if rdzv.rank == 0:
                 write_summary(self.plan)
@@ -212,6 +217,7 @@ class Submitted:
     metrics_offset: int = 0
     done: bool = False
     extra: dict = field(default_factory=dict)
+    submitted_at: float = field(default_factory=time.time)  # failure records older than this are another attempt's
 
     @property
     def job_id(self) -> str:
@@ -275,6 +281,10 @@ def _state_from_result(item: Submitted) -> str:
 
 
 def _failure_text(item: Submitted) -> str:
+    """The ranks' failure records of this job (the culprit's traceback last), else the last error line of its log."""
+    text = failures.report(item.stage.name, item.stage.run_dir, item.submitted_at, {})
+    if text:
+        return text
     try:
         lines = [ln for ln in item.job.stderr().splitlines() if ln.strip()] if item.job.stderr() else []
     except Exception:  # noqa: BLE001 - the log may be missing; the state is reported anyway
@@ -316,9 +326,9 @@ def wait(plan: Plan, submitted: list[Submitted], log=print, poll_s: float = 2.0,
                     other.done = True
                     other.extra["cancelled_because"] = item.stage.name
                 names = ", ".join(f"{o.stage.name} (job {o.job_id})" for o in later) or "none"
-                log(f"[{item.stage.name}] job {item.job_id} {state}: {why}")
                 log(f"ERROR: stage {item.stage.name!r} (job {item.job_id}) {state.lower()}; cancelled the stages that "
                     f"depend on it: {names}. Logs: {item.job.paths.stderr}")
+                log(f"[{item.stage.name}] job {item.job_id} {state}: {why}")
                 write_summary(plan)
                 return 1
         if all(s.done for s in submitted):

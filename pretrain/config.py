@@ -12,6 +12,19 @@ from pretrain.data.config import DataConfig
 from pretrain.typed_config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
 
+def _positive(section: str, **values) -> None:
+    """Each value must be > 0 (None: unset, allowed); the error names the key."""
+    for name, value in values.items():
+        if value is not None and not value > 0:
+            raise ConfigError(f"{section}{name} must be > 0, got {value}")
+
+
+def _non_negative(section: str, **values) -> None:
+    for name, value in values.items():
+        if value < 0:
+            raise ConfigError(f"{section}{name} must be >= 0, got {value}")
+
+
 @dataclass
 class ModelConfig:
     name: str = "internimage_t"
@@ -41,6 +54,12 @@ class TextConfig:
     embed_dim: int = 768
     """The joint embedding size; the vision tower's head projects to it."""
 
+    def __post_init__(self):
+        _positive("text.", width=self.width, layers=self.layers, heads=self.heads, vocab_size=self.vocab_size,
+                  embed_dim=self.embed_dim)
+        if self.width % self.heads:
+            raise ConfigError(f"text.width ({self.width}) must be a multiple of text.heads ({self.heads})")
+
 
 @dataclass
 class OptimConfig:
@@ -61,11 +80,12 @@ class OptimConfig:
     grad_accumulation: int = 1
 
     def __post_init__(self):
-        for name in ("lr", "lr_batch", "grad_accumulation"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"optim.{name} must be > 0, got {getattr(self, name)}")
-        if self.min_lr < 0 or self.warmup_steps < 0 or self.weight_decay < 0:
-            raise ConfigError("optim.min_lr, warmup_steps and weight_decay must be >= 0")
+        _positive("optim.", lr=self.lr, lr_batch=self.lr_batch, eps=self.eps, grad_clip=self.grad_clip,
+                  grad_accumulation=self.grad_accumulation)
+        _non_negative("optim.", min_lr=self.min_lr, warmup_steps=self.warmup_steps, weight_decay=self.weight_decay,
+                      offset_lr_scale=self.offset_lr_scale)
+        if not all(0 <= beta < 1 for beta in self.betas):
+            raise ConfigError(f"optim.betas must both be in [0, 1), got {list(self.betas)}")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise ConfigError(f"optim.layer_decay must be in (0, 1], got {self.layer_decay}")
 
@@ -89,8 +109,7 @@ class CheckpointConfig:
     """Keep the newest this many checkpoints."""
 
     def __post_init__(self):
-        if self.every <= 0 or self.keep <= 0:
-            raise ConfigError("checkpoint.every and checkpoint.keep must be > 0")
+        _positive("checkpoint.", every=self.every, keep=self.keep)
 
 
 @dataclass
@@ -102,6 +121,9 @@ class LoggingConfig:
     peak_tflops: float | None = None
     """Peak TFLOP/s of one device for the MFU estimate; None: looked up for known GPUs, else MFU is not reported."""
 
+    def __post_init__(self):
+        _positive("logging.", every=self.every, peak_tflops=self.peak_tflops)
+
 
 @dataclass
 class EvalConfig:
@@ -109,6 +131,9 @@ class EvalConfig:
     """Evaluate every this many steps; None: only at the end."""
     ema: bool = False
     """Evaluate the EMA weights (needs ema_decay)."""
+
+    def __post_init__(self):
+        _positive("eval.", every=self.every)
 
 
 @dataclass
@@ -134,8 +159,9 @@ class StageConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
-        if self.max_steps <= 0 or self.batch_size <= 0:
-            raise ConfigError("max_steps and batch_size must be > 0")
+        _positive("", max_steps=self.max_steps, batch_size=self.batch_size, num_classes=self.num_classes)
+        if not self.run_dir:
+            raise ConfigError("run_dir must not be empty")
         if self.data.task != self.task:
             raise ConfigError(f"data.task ({self.data.task!r}) must equal task ({self.task!r})")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:

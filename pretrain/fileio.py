@@ -7,7 +7,8 @@ The recipe is the POSIX one: write a temporary file in the same directory, fsync
 """
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -21,21 +22,27 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
-    """Call `write(file)` on a temporary file, then put it in place of `path` atomically and durably. On any error the
-    temporary file is removed and `path` is left as it was."""
+@contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary path beside `path` to write; on a clean exit it is fsynced and renamed over `path`, on an
+    error it is removed and `path` is left as it was. For writers that take a path (safetensors' save_file)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Call `write(file)` on a temporary file, then put it in place of `path` atomically and durably."""
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

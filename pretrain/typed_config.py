@@ -5,6 +5,8 @@ field (a typo is an error that names the valid keys), every value is checked aga
 dataclasses are built recursively, so a config is validated whole at start-up rather than failing mid-run.
 """
 import dataclasses
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -33,7 +35,10 @@ def from_dict(cls, data: dict | None, where: str = ""):
     except (TypeError, ValueError) as error:
         if isinstance(error, ConfigError):
             raise
-        raise ConfigError(f"{where or 'config'}: {error}") from error
+        message = str(error)
+        if where and message.startswith(where.split("[")[0]):  # sections that name their keys already (data.*)
+            raise ConfigError(message) from error
+        raise ConfigError(f"{where or 'config'}: {message}") from error
 
 
 def _convert(hint, value, where: str):
@@ -69,9 +74,21 @@ def _convert(hint, value, where: str):
     return _scalar(hint, value, where)
 
 
+# Number literals as people write them. YAML 1.1 (PyYAML) reads `1e-5` and `3e-4` as strings (its floats need a dot),
+# so a string in a numeric field is parsed when it is one of these; "nan", "inf" and "0x10" are not.
+_INT_LITERAL = re.compile(r"[+-]?\d+(_\d+)*")
+_FLOAT_LITERAL = re.compile(r"[+-]?(\d+(_\d+)*(\.(\d+(_\d+)*)?)?|\.\d+(_\d+)*)([eE][+-]?\d+)?")
+
+
 def _scalar(hint, value, where: str):
+    if isinstance(value, str) and hint is int and _INT_LITERAL.fullmatch(value.strip()):
+        value = int(value)
+    if isinstance(value, str) and hint is float and _FLOAT_LITERAL.fullmatch(value.strip()):
+        value = float(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite float, got {value!r}")
     if hint is str and isinstance(value, Path):
         return str(value)
     if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
@@ -83,23 +100,41 @@ def to_dict(config) -> dict:
     return dataclasses.asdict(config)
 
 
+def split_override(override: str) -> tuple[str, str]:
+    """`key.path=value` -> (key.path, raw value). The one reader of the override syntax (schedules use it too)."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {override!r} is not of the form key.path=value")
+    return key.strip(), raw
+
+
+def parse_value(override: str, raw: str) -> Any:
+    """An override's value, read as a YAML scalar (or flow list/mapping); numeric fields also accept `1e-5`."""
+    try:
+        return yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({_yaml_problem(error)})") from error
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: what is wrong, and where."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `a.b.c=value` overrides (values parsed as YAML scalars) to a nested dict, returning a new dict."""
+    """Apply `a.b.c=value` overrides to a nested dict, returning a new dict."""
     data = _deep_copy(data)
     for override in overrides:
-        key, sep, raw = override.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {override!r} is not of the form key.path=value")
+        key, raw = split_override(override)
         node = data
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {override!r}: {part!r} is not a section")
-        try:
-            node[leaf] = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError as error:
-            raise ConfigError(f"override {override!r}: the value is not valid YAML ({error.problem})") from error
+        node[leaf] = parse_value(override, raw)
     return data
 
 
@@ -112,7 +147,10 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     with path.open() as f:
-        data = yaml.safe_load(f) or {}
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(error)})") from error
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data

@@ -103,7 +103,7 @@ def test_sigterm_saves_a_complete_checkpoint_on_every_rank(tmp_path):
     tag = (tmp_path / "checkpoints/latest").read_text()
     assert tag == f"step{result['metrics']['step']:08d}"
     files = {p.name for p in (tmp_path / "checkpoints" / tag).iterdir()}
-    assert {"run_state.json", "rank00000_state.pt", "rank00001_state.pt",
+    assert {"manifest.json", "rank00000_state.pt", "rank00001_state.pt",
             "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= files
     assert records(tmp_path)[-1]["event"] == "preempted"
 
@@ -166,6 +166,7 @@ def test_overrides_with_the_documented_names():
 
 def test_finetune_from_export_with_mixup_and_partitioned_ema(reference_run, tmp_path):
     from pretrain.engine import consolidate
+    from pretrain.engine.safe_loading import load_file
 
     reference_dir, _ = reference_run
     export = consolidate(reference_dir / "checkpoints", tmp_path / "export")["backbone_safetensors"]
@@ -181,7 +182,7 @@ def test_finetune_from_export_with_mixup_and_partitioned_ema(reference_run, tmp_
     assert {"top1", "top5"} <= result["metrics"].keys() and result["metrics"]["top5"] >= result["metrics"]["top1"]
     assert records(run_dir)[0] == {**records(run_dir)[0], "event": "pretrained", "path": str(Path(export).resolve())}
     # Each rank's EMA covers only its own ZeRO-3 partition: together exactly the trainable parameters, padded.
-    shadows = [torch.load(run_dir / f"checkpoints/step00000004/rank0000{r}_state.pt", weights_only=False)["ema"]["shadow"]
+    shadows = [load_file(run_dir / f"checkpoints/step00000004/rank0000{r}_state.pt")["ema"]["shadow"]
                for r in (0, 1)]
     per_rank = [sum(t.numel() for t in s) for s in shadows]
     cfg = load_stage_config(REPO / "configs/demo/finetune.yaml")

@@ -2,10 +2,10 @@
 
 
 def add_arguments(parser):
-    parser.add_argument("checkpoint_dir", help="a run's checkpoints/ directory (DeepSpeed format, with a 'latest' file)")
+    parser.add_argument("checkpoint_dir", help="a run's checkpoints/ directory (DeepSpeed format)")
     parser.add_argument("--out", required=True, help="output directory for backbone.safetensors / backbone.pth")
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
-    parser.add_argument("--tag", help="checkpoint tag to export (default: the one 'latest' names)")
+    parser.add_argument("--tag", help="checkpoint tag to export (default: the newest complete one)")
     parser.add_argument("--full-model", action="store_true", help="also write model.safetensors with every weight")
 
 

@@ -75,5 +75,33 @@ def sum_counts_over_ranks(counts: dict[str, int]) -> dict[str, int]:
 
 
 def shutdown():
+    """The orderly end of a run: every rank is here, so a barrier is safe."""
     dist.barrier()
     dist.destroy_process_group()
+
+
+def abort():
+    """The end of a failing rank: no collective (a peer may be dead, or blocked in one of its own). Gloo peers see the
+    connections close and fail at once; NCCL peers are ended by the launcher (srun --kill-on-bad-exit, the local
+    launcher's SIGTERM then SIGKILL). The rank's own child processes are ended too (see end_child_processes)."""
+    end_child_processes()
+    if not dist.is_initialized():
+        return
+    try:
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - the error being raised is the one to report, not a teardown failure after it
+        pass
+
+
+def end_child_processes():
+    """SIGKILL every process this one started, and theirs. Data workers ignore SIGTERM (SLURM sends it to every
+    process of a job step, and the rank must outlive it to save), so multiprocessing's own exit handler, which
+    terminates and then joins them, would wait forever on one stuck in a `pipe:` read; nor may a `pipe:` command
+    outlive its rank."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.kill()
+        except psutil.Error:  # already gone
+            pass

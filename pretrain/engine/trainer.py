@@ -1,7 +1,7 @@
 """The training loop of one stage. Every concern lives in its own module; this file only wires them together:
 config -> distributed world -> task (model, loss, eval) -> DeepSpeed engine -> data -> checkpoints -> metrics."""
 import dataclasses
-import json
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -12,13 +12,14 @@ import torch
 from pretrain.config import StageConfig, load_stage_config, save_resolved
 from pretrain.engine import preemption
 from pretrain.engine.checkpoint import CheckpointManager
-from pretrain.engine.distributed import (World, any_rank, init_distributed, mean_over_ranks, seed_everything, shutdown,
-                                         sum_counts_over_ranks)
+from pretrain.engine.distributed import (World, abort, any_rank, init_distributed, mean_over_ranks, seed_everything,
+                                         shutdown, sum_counts_over_ranks)
 from pretrain.engine.ema import PartitionedEMA
 from pretrain.engine.metrics import MetricsLogger, device_peak_tflops, peak_memory_per_rank, train_flops_per_sample
 from pretrain.engine.optim import deepspeed_config, param_groups, peak_lr, scheduler_factory
 from pretrain.engine.tasks import build_task
 from pretrain.engine.weights import load_backbone
+from pretrain.fileio import atomic_write_json
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -30,9 +31,12 @@ def run_stage(config_path: str, overrides: list[str] = ()) -> dict:
     cfg = load_stage_config(config_path, overrides)
     world = init_distributed()
     try:
-        return Trainer(cfg, world).fit()
-    finally:
-        shutdown()
+        result = Trainer(cfg, world).fit()
+    except BaseException:
+        abort()  # never a collective on the way out: the other ranks may be dead or blocked in one
+        raise
+    shutdown()
+    return result
 
 
 class Trainer:
@@ -51,7 +55,8 @@ class Trainer:
         self.dtype = DTYPES[cfg.precision]
         self.checkpoints = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep, world.rank, world.size)
 
-        tag = self.checkpoints.latest_tag()
+        self.ignored_checkpoints = []
+        tag = self.checkpoints.resume_tag(report=self._report_ignored)
         universal = tag is not None and self.checkpoints.needs_universal(tag)
         if universal:
             tag = self.checkpoints.prepare_universal(tag)
@@ -70,6 +75,7 @@ class Trainer:
             model=model, model_parameters=param_groups(model, cfg, depths, base_lr),
             config=deepspeed_config(cfg, base_lr, world.device.type == "cuda", universal),
             lr_scheduler=scheduler_factory(cfg, base_lr))
+        self.checkpoints.attach(self.engine)
         self.loader = build_train_loader(cfg.data, rank=world.rank, world_size=world.size,
                                          batch_size=cfg.batch_size, seed=cfg.seed)
         self.ema = PartitionedEMA(self.engine.module, cfg.ema_decay) if cfg.ema_decay else None
@@ -78,6 +84,10 @@ class Trainer:
             self._restore(tag)
         else:
             seed_everything(cfg.seed * 1000 + world.rank + 1)  # ranks differ from here on (drop path, mixup)
+
+    def _report_ignored(self, message: str):
+        print(f"[rank 0] {message}", file=sys.stderr, flush=True)
+        self.ignored_checkpoints.append(message)
 
     def _depths(self):
         from pretrain.models import MODEL_CONFIGS
@@ -100,6 +110,8 @@ class Trainer:
         cfg = self.cfg
         metrics = MetricsLogger(self.run_dir, self.world.is_main, cfg.max_steps, self.step,
                                 cfg.logging.tensorboard, cfg.logging.progress_bar)
+        for message in self.ignored_checkpoints:
+            metrics.event("checkpoint_ignored", message=message)
         if self.resumed_from is not None:
             metrics.event("resume", step=self.step, checkpoint=self.resumed_from, world_size=self.world.size)
         elif cfg.model.pretrained:
@@ -125,9 +137,10 @@ class Trainer:
             result = {"step": self.step, **self.evaluate()}
             metrics.log(self.step, result)
             if self.world.is_main:
-                (self.run_dir / "result.json").write_text(json.dumps(result, indent=2))
+                atomic_write_json(self.run_dir / "result.json", result)
             return {"status": "completed", "metrics": result}
         finally:
+            batches.close()  # shuts the data workers down now, not at interpreter exit
             metrics.close()
 
     def _train_step(self, batches) -> dict:
