@@ -5,7 +5,11 @@ import io
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 import warnings
 import tracemalloc
 
@@ -210,3 +214,47 @@ def test_workers_start_from_the_forkserver(tmp_path):
     assert loader.multiprocessing_context.get_start_method() == "forkserver"
     (batch,) = loader
     assert batch["text"].shape == (1, 77)
+
+
+RANK_SCRIPT = """
+import os, sys, time, torch
+from torch.utils.data import IterableDataset
+
+class Pids(IterableDataset):
+    def __iter__(self):
+        while True:
+            yield torch.tensor([os.getpid(), os.getppid()])
+
+if __name__ == "__main__":
+    from pretrain.data.loader import make_loader
+    batches = iter(make_loader(Pids(), workers=2))
+    print(sorted({tuple(next(batches).tolist()) for _ in range(8)}), flush=True)
+    time.sleep(600)
+"""
+
+
+def running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_and_their_forkserver_end_with_a_killed_rank(tmp_path):
+    """The forkserver outlives the rank (its workers hold it open): the workers must notice the rank's death."""
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    rank = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        workers = json.loads(rank.stdout.readline().replace("(", "[").replace(")", "]"))
+    finally:
+        rank.send_signal(signal.SIGKILL)
+        rank.wait()
+    pids = {pid for worker in workers for pid in worker}
+    assert len(pids) == 3 and rank.pid not in pids  # two workers and the forkserver, their parent
+    deadline = time.monotonic() + 30
+    while any(map(running, pids)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in pids if running(pid)]

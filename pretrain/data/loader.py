@@ -16,7 +16,9 @@ start waits for the server's imports.
 import dataclasses
 import functools
 import multiprocessing
+import os
 import signal
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -56,6 +58,24 @@ def ignore_stop_signals(_worker_id: int):
         signal.signal(sig, signal.SIG_IGN)
 
 
+def exit_with_rank() -> None:
+    """A worker's parent process is the forkserver, which outlives a rank killed by SIGKILL (its workers hold it open),
+    so PyTorch's check that the worker's parent lives never fails and the workers would wait for ever: each watches
+    the rank itself instead."""
+    rank = multiprocessing.parent_process()
+
+    def watch():
+        rank.join()
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-rank").start()
+
+
+def init_worker(worker_id: int) -> None:
+    ignore_stop_signals(worker_id)
+    exit_with_rank()
+
+
 @functools.cache
 def worker_context() -> multiprocessing.context.BaseContext:
     """The forkserver context; its server starts with the first worker and lives as long as the rank, having loaded
@@ -68,7 +88,7 @@ def worker_context() -> multiprocessing.context.BaseContext:
 def make_loader(dataset: IterableDataset, workers: int) -> DataLoader:
     """A DataLoader of ready-made batches, its workers (if any) started from the forkserver."""
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                      worker_init_fn=ignore_stop_signals, multiprocessing_context=worker_context() if workers else None)
+                      worker_init_fn=init_worker, multiprocessing_context=worker_context() if workers else None)
 
 
 @dataclasses.dataclass
