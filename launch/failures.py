@@ -50,9 +50,10 @@ def is_peer_loss(error: BaseException) -> bool:
     return isinstance(error, dist.DistError) or bool(PEER_LOSS.search(str(error)))
 
 
-def _first_line(error: BaseException) -> str:
+def _first_line(error: BaseException, limit: int = 200) -> str:
     message = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {message[0]}" if message else type(error).__name__
+    line = f"{type(error).__name__}: {message[0]}" if message else type(error).__name__
+    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 def record(run_dir: str | Path, rank: int, error: BaseException) -> FailureRecord:
@@ -90,9 +91,11 @@ def describe_exit(code: int | None) -> str:
 
 
 def report(stage: str, run_dir: str | Path, since: float, exit_codes: dict[int, int | None],
-           ended_by_launcher: frozenset[int] = frozenset()) -> str:
+           ended_by_launcher: frozenset[int] = frozenset(), ranks_said_theirs: bool = False) -> str:
     """One line per rank, then the culprit's traceback. The culprit: the first rank whose error was its own; else a
-    rank killed by a signal the launcher did not send (no record: SIGKILL, the OOM killer); else the first record."""
+    rank killed by a signal the launcher did not send (no record: SIGKILL, the OOM killer); else the first record.
+    `ranks_said_theirs`: the ranks' own lines already reached the user (the local launcher's shared console), so only
+    the ranks without a record get a line here."""
     records = {r.rank: r for r in read_records(run_dir, since)}
     own = [r for r in records.values() if r.kind == FAILED]
     killed = [rank for rank, code in sorted(exit_codes.items())
@@ -100,7 +103,7 @@ def report(stage: str, run_dir: str | Path, since: float, exit_codes: dict[int, 
     culprit = own[0] if own else None if killed else min(records.values(), key=lambda r: r.time, default=None)
     lines = []
     for rank in sorted(set(exit_codes) | set(records)):
-        if rank in records and records[rank] is not culprit:
+        if rank in records and records[rank] is not culprit and not ranks_said_theirs:
             lines.append(records[rank].line(stage))
         elif rank not in records:
             how = "ended by the launcher" if rank in ended_by_launcher else describe_exit(exit_codes.get(rank))

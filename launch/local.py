@@ -119,8 +119,9 @@ def run_stage(stage: StagePlan, nproc: int, engine: str = DEFAULT_ENGINE, log=pr
         return EXIT_PREEMPTED if EXIT_PREEMPTED in codes.values() else 0
     if failed is None and signals:
         return EXIT_INTERRUPTED  # stopped by the user before every rank had saved
-    log(failures.report(stage.name, stage.run_dir, started, codes, frozenset(ranks.ended_by_launcher)))
-    return next((c for c in codes.values() if c not in (0, EXIT_PREEMPTED) and c > 0), 1)
+    log(failures.report(stage.name, stage.run_dir, started, codes, frozenset(ranks.ended_by_launcher),
+                        ranks_said_theirs=True))
+    return codes[failed] if failed is not None and codes[failed] > 0 else 1
 
 
 def run_plan(plan: Plan, nproc: int, engine: str = DEFAULT_ENGINE, log=print) -> int:

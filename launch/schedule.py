@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,8 +21,12 @@ from typing import Any, Callable
 
 import yaml
 
+from pretrain.fileio import atomic_write_json
+from pretrain.typed_config import apply_overrides, load_yaml, split_override
+
 EXPORT = "export"
 BACKBONE = "backbone.safetensors"
+STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclass
@@ -58,20 +64,8 @@ class Plan:
         return Path(self.source).stem
 
 
-def _read_yaml(path: str | Path) -> Any:
-    with open(path) as f:
-        return yaml.safe_load(f) or {}
-
-
 def is_schedule(doc: Any) -> bool:
     return isinstance(doc, dict) and "stages" in doc
-
-
-def _split_override(item: str) -> tuple[str, str]:
-    if "=" not in item:
-        raise ValueError(f"override {item!r} is not key=value")
-    key, value = item.split("=", 1)
-    return key.strip(), value
 
 
 def _stage_overrides(raw: Any, where: str) -> list[str]:
@@ -101,13 +95,13 @@ def _resolve_path(path: str, base: Path) -> str:
 
 def build_plan(source: str, overrides: list[str], default_runs: str = "runs") -> Plan:
     """Resolve a schedule or stage YAML plus command-line overrides into the stages to run."""
-    doc = _read_yaml(source)
+    doc = load_yaml(source)
     base = Path(source).resolve().parent
     common: list[str] = []
     scoped: dict[str, list[str]] = {}
     run_dir = None
     for item in overrides:
-        key, value = _split_override(item)
+        key, value = split_override(item)
         if ":" in key:
             stage, key = key.split(":", 1)
             scoped.setdefault(stage, []).append(f"{key}={value}")
@@ -145,6 +139,9 @@ def build_plan(source: str, overrides: list[str], default_runs: str = "runs") ->
         if extra_keys:
             raise ValueError(f"{where}: unknown keys {sorted(extra_keys)} (allowed: name, config, overrides, slurm)")
         name = spec["name"]
+        if not isinstance(name, str) or not STAGE_NAME.fullmatch(name):
+            raise ValueError(f"{where}: stage name {name!r} must be letters, digits, '_', '-' or '.' (it names a "
+                             "folder and a SLURM job)")
         if names.count(name) > 1:
             raise ValueError(f"{where}: stage name {name!r} is used twice")
         stage_dir = str(Path(run_dir) / name)
@@ -167,15 +164,7 @@ def resolved_config(stage: StagePlan, validate: bool = True) -> dict[str, Any]:
         from pretrain.config import load_stage_config
 
         return load_stage_config(stage.config, list(stage.overrides)).to_dict()
-    doc = _read_yaml(stage.config)
-    for item in stage.overrides:
-        key, value = _split_override(item)
-        node = doc
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(value) if value else value
-    return doc
+    return apply_overrides(load_yaml(stage.config), list(stage.overrides))
 
 
 def ensure_export(stage: StagePlan, consolidate: Callable[..., Any], *, is_leader: bool = True,
@@ -216,10 +205,16 @@ def ensure_export(stage: StagePlan, consolidate: Callable[..., Any], *, is_leade
 
 
 def read_result(stage: StagePlan) -> dict[str, Any] | None:
+    """The stage's result.json, or None while it has not finished. An unreadable one (a copy cut short, say) counts as
+    not finished: running the stage again resumes from its last checkpoint and writes it anew."""
     try:
         with open(stage.result_path()) as f:
             return json.load(f)
     except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        print(f"[{stage.name}] ignoring {stage.result_path()} ({error}): the stage will run again from its last "
+              "checkpoint", file=sys.stderr, flush=True)
         return None
 
 
@@ -243,9 +238,6 @@ def write_summary(plan: Plan) -> dict[str, Any]:
         if "top1" in result:
             summary["finetune_top1"] = result["top1"]  # the last fine-tuning stage wins
     summary["complete"] = all(s["status"] == "completed" for s in stages.values())
-    path = Path(plan.run_dir) / "summary.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, path)
+    Path(plan.run_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(Path(plan.run_dir) / "summary.json", summary)
     return summary

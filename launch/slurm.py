@@ -67,6 +67,7 @@ class SlurmOptions:
         for source in (from_yaml, {k: getattr(self, k) for k in names if hasattr(self, k)}):
             for key, value in source.items():
                 if value is not None:
+                    check_option(key, value)
                     params[names[key]] = f"{value:g}GB" if key == "mem_gb" else value
         if not params.get("gpus_per_node"):
             params.pop("gpus_per_node", None)
@@ -75,6 +76,31 @@ class SlurmOptions:
         repo = str(Path(__file__).resolve().parent.parent)
         params["setup"] = [f"export PYTHONPATH={shlex.quote(repo)}${{PYTHONPATH:+:$PYTHONPATH}}"]
         return params
+
+
+# Values that reach the sbatch script. Each becomes an `#SBATCH --key=value` line: a newline would start a shell
+# command, so text options are held to the characters SLURM's own syntax uses (a constraint's &|[]*, lists' commas).
+TEXT_OPTIONS = {"partition": ".,-", "account": ".-", "qos": ".,-", "constraint": ".,:&|*[]()-"}  # beside \w
+COUNT_OPTIONS = {"nodes": 1, "tasks_per_node": 1, "gpus_per_node": 0, "cpus_per_task": 1, "time_min": 1, "time": 1,
+                 "signal_delay_s": 0}  # the least each may be
+
+
+def check_option(key: str, value: Any) -> None:
+    if key in TEXT_OPTIONS:
+        if not isinstance(value, str) or not re.fullmatch(f"[\\w{re.escape(TEXT_OPTIONS[key])}]+", value, re.ASCII):
+            raise ValueError(f"slurm option {key}={value!r}: only letters, digits, '_' and {TEXT_OPTIONS[key]!r} "
+                             "are allowed")
+    elif key == "mem_gb":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"slurm option mem_gb={value!r}: expected a number of GB > 0")
+    elif isinstance(value, bool) or not isinstance(value, int) or value < COUNT_OPTIONS[key]:
+        raise ValueError(f"slurm option {key}={value!r}: expected a whole number >= {COUNT_OPTIONS[key]}")
+
+
+def check_path(what: str, path: str) -> None:
+    """Paths reach the sbatch script too (--output, --error)."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in path):
+        raise ValueError(f"{what} {path!r} holds a control character")
 
 
 class StageTask:
@@ -195,9 +221,9 @@ def cancel_dependants(job_id: str) -> list[str]:
 
 
 def _folder(plan: Plan, options: SlurmOptions) -> str:
-    if options.folder:
-        return options.folder
-    return str(Path(plan.run_dir) / "submitit" / time.strftime("%Y%m%d-%H%M%S") / "%j")
+    folder = options.folder or str(Path(plan.run_dir) / "submitit" / time.strftime("%Y%m%d-%H%M%S") / "%j")
+    check_path("submitit folder", folder)
+    return folder
 
 
 def sbatch_script(plan: Plan, stage: StagePlan, options: SlurmOptions, dependency: str | None) -> str:

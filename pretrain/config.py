@@ -9,6 +9,7 @@ from typing import Literal
 import yaml
 
 from pretrain.data.config import DataConfig
+from pretrain.fileio import atomic_write_text
 from pretrain.typed_config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
 
@@ -73,9 +74,11 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     layer_decay: float | None = None
-    """Layer-wise lr decay: layer i of n gets lr * layer_decay ** (n + 1 - i); None disables it."""
+    """The release's layer-wise lr decay: the k-th InternImage layer counted from the last gets lr * layer_decay**k
+    (the stem and downsamples follow their neighbouring layers, the heads keep lr); None disables it."""
     offset_lr_scale: float = 1.0
-    """lr multiplier of DCNv3 offset/mask and center-feature-scale parameters (the release uses 0.1 when fine-tuning)."""
+    """The release's DCN_LR_MUL: lr multiplier of DCNv3 offset and center-feature-scale parameters (not the mask); as
+    in the release it applies only with layer_decay (H/G fine-tuning: 0.1)."""
     grad_clip: float | None = 5.0
     grad_accumulation: int = 1
 
@@ -141,7 +144,16 @@ class StageConfig:
     task: Literal["image-text", "classification"] = "image-text"
     run_dir: str = "runs/default"
     seed: int = 0
-    max_steps: int = 1000
+    max_steps: int | None = None
+    """Optimizer steps of the stage; None: from `epochs`."""
+    epochs: float | None = None
+    """The stage's length in passes over data.samples_per_epoch, counted as the release counts them: whole global
+    batches per epoch (its loader drops the last partial batch) times the epochs. Sets max_steps unless given."""
+    warmup_epochs: float | None = None
+    """Warm-up in epochs, counted the same way; sets optim.warmup_steps."""
+    global_batch: int | None = None
+    """The global batch the stage is written for (batch_size x ranks x optim.grad_accumulation), checked at start-up;
+    epochs and warmup_epochs count steps of it."""
     batch_size: int = 32
     """Micro-batch per rank; the global batch is batch_size * world_size * optim.grad_accumulation."""
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
@@ -159,6 +171,8 @@ class StageConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
+        _positive("", epochs=self.epochs, warmup_epochs=self.warmup_epochs, global_batch=self.global_batch)
+        self._steps_from_epochs()
         _positive("", max_steps=self.max_steps, batch_size=self.batch_size, num_classes=self.num_classes)
         if not self.run_dir:
             raise ConfigError("run_dir must not be empty")
@@ -168,6 +182,25 @@ class StageConfig:
             raise ConfigError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.eval.ema and self.ema_decay is None:
             raise ConfigError("eval.ema needs ema_decay")
+
+    def _steps_from_epochs(self):
+        if self.epochs is None and self.warmup_epochs is None:
+            if self.max_steps is None:
+                raise ConfigError("set max_steps, or epochs (with global_batch and data.samples_per_epoch)")
+            return
+        if not (self.global_batch and self.data.samples_per_epoch):
+            raise ConfigError("epochs and warmup_epochs need global_batch and data.samples_per_epoch")
+        steps_per_epoch = self.data.samples_per_epoch // self.global_batch
+        if self.max_steps is None:
+            if self.epochs is None:
+                raise ConfigError("set max_steps or epochs")
+            self.max_steps = round(self.epochs * steps_per_epoch)
+        if self.warmup_epochs is not None:
+            warmup = round(self.warmup_epochs * steps_per_epoch)
+            if self.optim.warmup_steps not in (0, warmup):
+                raise ConfigError(f"optim.warmup_steps ({self.optim.warmup_steps}) disagrees with warmup_epochs "
+                                  f"({self.warmup_epochs} = {warmup} steps); set one of them")
+            self.optim.warmup_steps = warmup
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -184,5 +217,25 @@ def load_stage_config(path: str | Path, overrides: list[str] = ()) -> StageConfi
     return from_dict(StageConfig, data)
 
 
+def check_config(path: str | Path, overrides: list[str] = (), pretrained_by_schedule: bool = False) -> StageConfig:
+    """load_stage_config, plus the files the stage will read: the pretrained weights (unless an earlier stage of the
+    schedule makes them) and every local shard. Run by `pretrain run` before any rank starts, so that a bad value or a
+    missing file is one line naming it, not a traceback from every rank."""
+    from pretrain.data.shards import expand_shards
+
+    cfg = load_stage_config(path, overrides)
+    if cfg.model.pretrained and not pretrained_by_schedule and not Path(cfg.model.pretrained).is_file():
+        raise ConfigError(f"model.pretrained: file not found: {cfg.model.pretrained}")
+    patterns = {f"data.train[{i}].shards": source.shards for i, source in enumerate(cfg.data.train)}
+    if cfg.data.val:
+        patterns["data.val"] = cfg.data.val
+    for key, pattern in patterns.items():
+        try:
+            expand_shards(pattern)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"{key}: {error}") from None
+    return cfg
+
+
 def save_resolved(config: StageConfig, path: Path):
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -74,19 +74,11 @@ def _convert(hint, value, where: str):
     return _scalar(hint, value, where)
 
 
-# Number literals as people write them. YAML 1.1 (PyYAML) reads `1e-5` and `3e-4` as strings (its floats need a dot),
-# so a string in a numeric field is parsed when it is one of these; "nan", "inf" and "0x10" are not.
-_INT_LITERAL = re.compile(r"[+-]?\d+(_\d+)*")
-_FLOAT_LITERAL = re.compile(r"[+-]?(\d+(_\d+)*(\.(\d+(_\d+)*)?)?|\.\d+(_\d+)*)([eE][+-]?\d+)?")
-
-
 def _scalar(hint, value, where: str):
-    if isinstance(value, str) and hint is int and _INT_LITERAL.fullmatch(value.strip()):
-        value = int(value)
-    if isinstance(value, str) and hint is float and _FLOAT_LITERAL.fullmatch(value.strip()):
-        value = float(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if hint is int and isinstance(value, float) and value.is_integer():  # 1e5 steps
+        value = int(value)
     if hint is float and isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{where}: expected a finite float, got {value!r}")
     if hint is str and isinstance(value, Path):
@@ -111,7 +103,7 @@ def split_override(override: str) -> tuple[str, str]:
 def parse_value(override: str, raw: str) -> Any:
     """An override's value, read as a YAML scalar (or flow list/mapping); numeric fields also accept `1e-5`."""
     try:
-        return yaml.safe_load(raw) if raw else ""
+        return read_yaml(raw) if raw else ""
     except yaml.YAMLError as error:
         raise ConfigError(f"override {override!r}: the value is not valid YAML ({_yaml_problem(error)})") from error
 
@@ -138,6 +130,28 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+class Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading numbers as people write them. YAML 1.1, which PyYAML follows, reads `1e-5` and
+    `3e-4` as strings (its floats need a dot), so a float resolver in YAML 1.2's form replaces its own."""
+
+
+Loader.yaml_implicit_resolvers = {first: [(tag, regexp) for tag, regexp in resolvers
+                                          if tag != "tag:yaml.org,2002:float"]
+                                  for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def read_yaml(text_or_stream):
+    return yaml.load(text_or_stream, Loader=Loader)
+
+
 def _deep_copy(data):
     return {k: _deep_copy(v) for k, v in data.items()} if isinstance(data, dict) else data
 
@@ -148,7 +162,7 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file not found: {path}")
     with path.open() as f:
         try:
-            data = yaml.safe_load(f) or {}
+            data = read_yaml(f) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(error)})") from error
     if not isinstance(data, dict):

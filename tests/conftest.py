@@ -1,13 +1,20 @@
+import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = Path(__file__).resolve().parent / "scripts"
+TESTS = Path(__file__).resolve().parent
+SCRIPTS = TESTS / "scripts"
+CONFIG = str(REPO / "configs/demo/pretrain.yaml")
+# The demo's pretraining stage, shortened: what the engine tests run on 2 CPU ranks.
+FAST = ["batch_size=16", "logging.every=1", "logging.progress_bar=false", "optim.warmup_steps=2",
+        "data.demo_root=" + str(REPO / "data/demo")]
 
 
 def free_port() -> int:
@@ -30,3 +37,39 @@ def torchrun():
         return proc
 
     return run
+
+
+def stage_command(run_dir, *overrides, nproc=2):
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
+            str(SCRIPTS / "run_stage.py"), CONFIG, f"run_dir={run_dir}", *FAST, *overrides]
+
+
+def run(run_dir, *overrides, nproc=2, env=None):
+    """One stage under torchrun, which must complete; returns rank 0's result."""
+    proc = subprocess.run(stage_command(run_dir, *overrides, nproc=nproc), capture_output=True, text=True,
+                          timeout=900, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}  # later lines (after resume) win
+
+
+def wait_for(predicate, timeout=300):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory):
+    """An uninterrupted 12-step run, checkpointing every 4 steps: the losses every fault test must reproduce."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    result = run(run_dir, "max_steps=12", "checkpoint.every=4")
+    return run_dir, result

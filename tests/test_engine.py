@@ -4,54 +4,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, SCRIPTS, free_port
+from conftest import CONFIG, REPO, SCRIPTS, free_port, losses, records, run, stage_command, wait_for
 from pretrain.config import load_stage_config
 from pretrain.typed_config import ConfigError
-
-CONFIG = str(REPO / "configs/demo/pretrain.yaml")
-FAST = ["batch_size=16", "logging.every=1", "logging.progress_bar=false", "optim.warmup_steps=2",
-        "data.demo_root=" + str(REPO / "data/demo")]
-
-
-def stage_command(run_dir, *overrides, nproc=2):
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
-            str(SCRIPTS / "run_stage.py"), CONFIG, f"run_dir={run_dir}", *FAST, *overrides]
-
-
-def run(run_dir, *overrides, nproc=2):
-    proc = subprocess.run(stage_command(run_dir, *overrides, nproc=nproc), capture_output=True, text=True,
-                          timeout=900, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    return json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
-
-
-def records(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(run_dir):
-    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}  # later lines (after resume) win
-
-
-def wait_for(predicate, timeout=300):
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.2)
-
-
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    """An uninterrupted 12-step run, checkpointing every 4 steps."""
-    run_dir = tmp_path_factory.mktemp("reference")
-    result = run(run_dir, "max_steps=12", "checkpoint.every=4")
-    return run_dir, result
 
 
 def test_uninterrupted_run_learns_and_reports(reference_run):

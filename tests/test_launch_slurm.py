@@ -126,3 +126,37 @@ def test_failing_stage_cancels_dependants(tmp_path, fake_engine_env, capsys):
                            text=True).stdout.strip()
     assert state == "CANCELLED"
     assert not (tmp_path / "run" / "finetune").exists()
+
+
+def job_processes(job_id: str) -> list[str]:
+    """Processes on this machine that belong to SLURM job `job_id` (by the SLURM_JOB_ID in their environment)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            if f"SLURM_JOB_ID={job_id}".encode() in environ:
+                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:120])
+        except (OSError, ValueError):
+            pass
+    return found
+
+
+def test_failing_rank_ends_a_two_node_job_with_its_traceback(tmp_path, fake_engine_env, monkeypatch, capsys):
+    """The real engine on 2 nodes, rank 1 raising at step 3 while rank 0 waits in a collective: the job fails at once
+    (--kill-on-bad-exit), the launcher prints rank 1's traceback last, and nothing of the job is left running."""
+    monkeypatch.setenv("PRETRAIN_FAULT", "raise:3:1")
+    run = tmp_path / "run"
+    code = run_cli(["configs/demo/pretrain.yaml", *slurm_args(tmp_path), "--engine", "fault_engine", f"run_dir={run}",
+                    "max_steps=12", "checkpoint.every=2", "batch_size=16", "logging.every=1",
+                    "logging.progress_bar=false"])
+    ended = time.time()
+    out = capsys.readouterr().out
+    assert code == 1, out
+    fired = json.loads((run / "fault.json").read_text())
+    print(f"\nFAULT raise:3:1 on SLURM: {ended - fired['time']:.1f} s from the fault to the launcher's exit")
+    job = out.split("[pretrain] submitted job ")[1].split()[0]
+    assert "ERROR: stage 'pretrain'" in out and out.count("Traceback") == 1
+    tail = out[out.index("Traceback"):]
+    assert "RuntimeError: injected fault: rank 1 raises at step 3" in tail and "rank 0" not in tail
+    assert (run / "checkpoints" / "latest").read_text() == "step00000002"
+    wait_for(lambda: not job_processes(job), timeout=30, what="the job's processes to end")

@@ -11,9 +11,15 @@ def add_arguments(parser):
 
 def main(args) -> int:
     import json
+    import sys
 
     from pretrain.engine.consolidate import consolidate
+    from pretrain.engine.safe_loading import UnsafeCheckpointError
 
-    written = consolidate(args.checkpoint_dir, args.out, args.dtype, tag=args.tag, full_model=args.full_model)
+    try:
+        written = consolidate(args.checkpoint_dir, args.out, args.dtype, tag=args.tag, full_model=args.full_model)
+    except (UnsafeCheckpointError, FileNotFoundError) as error:
+        print(f"pretrain consolidate: {error}", file=sys.stderr)
+        return 2
     print(json.dumps(written, indent=2))
     return 0

@@ -48,15 +48,35 @@ def _parse_known_args(self, args=None, namespace=None):
     return namespace, [a for a in extras if a not in late]
 
 
-def _print_configs(plan, validate: bool) -> None:
-    import yaml
+def _check(plan, engine_name: str, slurm_options=None) -> dict:
+    """Every stage's resolved config, validated in this process before any rank starts: the engine's check_config
+    (values, unknown keys, the files they name) where the engine has one, and the SLURM options for each stage."""
+    import importlib
 
     from launch.schedule import resolved_config
+
+    check = getattr(importlib.import_module(engine_name), "check_config", None)
+    configs = {}
+    for stage in plan.stages:
+        try:
+            if check is None:
+                configs[stage.name] = resolved_config(stage, validate=False)
+            else:
+                configs[stage.name] = check(stage.config, stage.overrides, stage.pretrained_from is not None).to_dict()
+            if slurm_options is not None:
+                slurm_options.for_stage(stage)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"stage {stage.name!r} ({stage.config}): {error}") from None
+    return configs
+
+
+def _print_configs(plan, configs: dict) -> None:
+    import yaml
 
     for stage in plan.stages:
         print(f"# ---- stage {stage.name}: {stage.config}")
         print(f"# overrides: {' '.join(stage.overrides)}")
-        print(yaml.safe_dump(resolved_config(stage, validate), sort_keys=False).rstrip())
+        print(yaml.safe_dump(configs[stage.name], sort_keys=False).rstrip())
 
 
 def main(args: argparse.Namespace) -> int:
@@ -64,8 +84,19 @@ def main(args: argparse.Namespace) -> int:
 
     from launch.schedule import build_plan
 
+    options = None
+    if args.launcher == "slurm":
+        from launch import slurm
+
+        options = slurm.SlurmOptions(
+            nodes=args.nodes, tasks_per_node=args.tasks_per_node, gpus_per_node=args.gpus_per_node,
+            cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, time_min=args.time_min, partition=args.partition,
+            account=args.account, qos=args.qos, constraint=args.constraint, signal_delay_s=args.signal_delay_s,
+            folder=args.submitit_dir,
+        )
     try:
         plan = build_plan(args.source, args.overrides)
+        configs = _check(plan, args.engine, options)
     except (OSError, ValueError) as error:
         print(f"pretrain run: {error}", file=sys.stderr)
         return 2
@@ -78,18 +109,10 @@ def main(args: argparse.Namespace) -> int:
         if args.dry_run:
             for stage in plan.stages:
                 print(f"# {stage.name}: {args.nproc} x " + " ".join(local.rank_command(stage, args.engine)))
-            _print_configs(plan, validate=args.engine == "pretrain.engine")
+            _print_configs(plan, configs)
             return 0
         return local.run_plan(plan, args.nproc, args.engine, log=lambda m: print(m, flush=True))
 
-    from launch import slurm
-
-    options = slurm.SlurmOptions(
-        nodes=args.nodes, tasks_per_node=args.tasks_per_node, gpus_per_node=args.gpus_per_node,
-        cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, time_min=args.time_min, partition=args.partition,
-        account=args.account, qos=args.qos, constraint=args.constraint, signal_delay_s=args.signal_delay_s,
-        folder=args.submitit_dir,
-    )
     if args.dry_run:
         prev = None
         for stage in plan.stages:
@@ -97,7 +120,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"# ---- sbatch script for stage {stage.name}")
             print(slurm.sbatch_script(plan, stage, options, dependency).rstrip())
             prev = stage.name
-        _print_configs(plan, validate=args.engine == "pretrain.engine")
+        _print_configs(plan, configs)
         return 0
     log = lambda m: print(m, flush=True)  # noqa: E731
     submitted = slurm.submit(plan, options, args.engine, log=log)

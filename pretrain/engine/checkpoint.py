@@ -165,9 +165,15 @@ class CheckpointManager:
         if self.rank == 0 and not (target / MANIFEST).is_file():
             staging = self.directory / (STAGING + universal)
             shutil.rmtree(staging, ignore_errors=True)
-            subprocess.run([sys.executable, "-m", "pretrain.engine.universal", "--input_folder",
-                            str(self.directory / tag), "--output_folder", str(staging)], check=True,
-                           stdout=subprocess.DEVNULL)
+            converted = subprocess.run([sys.executable, "-m", "pretrain.engine.universal", "--input_folder",
+                                        str(self.directory / tag), "--output_folder", str(staging)],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if converted.returncode != 0:
+                shutil.rmtree(staging, ignore_errors=True)
+                why = converted.stderr.strip().splitlines()[-1:] or [f"exit status {converted.returncode}"]
+                raise RuntimeError(f"the universal conversion of {self.directory / tag} (saved on "
+                                   f"{self.saved_world_size(tag)} ranks, resumed on {self.world_size}) failed: "
+                                   f"{why[0]}")
             shutil.copy(self.directory / tag / MANIFEST, staging / MANIFEST)
             shutil.rmtree(target, ignore_errors=True)
             os.rename(staging, target)

@@ -1,50 +1,54 @@
-"""AdamW parameter groups (no decay on norms/biases/layer-scale, layer-wise lr decay, the 0.1 lr multiplier on
-offset/mask parameters), the warm-up + cosine schedule, and the DeepSpeed JSON derived from the stage config."""
+"""AdamW parameter groups as the release builds them, the warm-up + cosine schedule, and the DeepSpeed JSON derived
+from the stage config."""
 import math
-import re
 
 import torch
 
 from pretrain.config import StageConfig
-
-# DCNv3's sampling parameters: offsets, mask logits and the center-feature-scale projection (release's lr multiplier).
-OFFSET_PARAM = re.compile(r"\.dcn\.(offset|mask|center_feature_scale_proj)")
-BLOCK = re.compile(r"(?:^|\.)levels\.(\d+)\.(?:blocks\.(\d+)|post_norms|norm|downsample)")
+from pretrain.typed_config import ConfigError
 
 
 def shape_of(param) -> torch.Size:
     return getattr(param, "ds_shape", param.shape)  # ZeRO-3 leaves an empty placeholder in param.shape
 
 
-def layer_id(name: str, depths: list[int]) -> int:
-    """0 for the stem, 1..n for the InternImage layers in order, n + 1 for heads and the text tower."""
-    if re.search(r"(?:^|\.)patch_embed\.", name):
-        return 0
-    match = BLOCK.search(name)
-    if match is None:
-        return sum(depths) + 1
-    level, block = int(match.group(1)), match.group(2)
-    before = sum(depths[:level])
-    return before + (int(block) if block is not None else depths[level] - 1) + 1
+def lr_ratios(model: torch.nn.Module, layer_decay: float, dcn_lr_mul: float) -> dict[str, float]:
+    """The lr ratio of each parameter of every InternImage inside `model` (the model itself, or a CLIP tower),
+    from the model's own release rules; parameters outside them keep ratio 1."""
+    from pretrain.models import InternImage
+
+    ratios = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, InternImage):
+            dot = f"{prefix}." if prefix else ""
+            ratios.update({dot + name: r for name, r in module.lr_ratios(layer_decay, dcn_lr_mul).items()})
+    return ratios
 
 
-def param_groups(model: torch.nn.Module, cfg: StageConfig, depths: list[int], base_lr: float) -> list[dict]:
-    optim, n_layers = cfg.optim, sum(depths)
+def param_groups(model: torch.nn.Module, cfg: StageConfig, base_lr: float) -> list[dict]:
+    """The release's `set_weight_decay_and_lr`: no weight decay on 1-D tensors and biases (its models declare no
+    further exemptions); with layer-wise decay on, each parameter's lr ratio and the DCN multiplier (which the
+    release applies only inside its layer-decay branch)."""
+    optim = cfg.optim
+    ratios = lr_ratios(model, optim.layer_decay, optim.offset_lr_scale) if optim.layer_decay else {}
     groups: dict[tuple[float, float], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        decay = 0.0 if len(shape_of(param)) <= 1 else optim.weight_decay
-        scale = optim.layer_decay ** (n_layers + 1 - layer_id(name, depths)) if optim.layer_decay else 1.0
-        if OFFSET_PARAM.search(name):
-            scale *= optim.offset_lr_scale
+        decay = 0.0 if len(shape_of(param)) <= 1 or name.endswith(".bias") else optim.weight_decay
+        scale = ratios.get(name, 1.0)
         group = groups.setdefault((decay, scale), {"params": [], "weight_decay": decay, "lr": base_lr * scale})
         group["params"].append(param)
     return list(groups.values())
 
 
 def peak_lr(cfg: StageConfig, world_size: int) -> float:
+    """optim.lr scaled linearly from optim.lr_batch to this run's global batch (which must be the declared one)."""
     global_batch = cfg.batch_size * world_size * cfg.optim.grad_accumulation
+    if cfg.global_batch is not None and global_batch != cfg.global_batch:
+        raise ConfigError(f"global_batch is {cfg.global_batch}, but batch_size {cfg.batch_size} x {world_size} ranks x "
+                          f"optim.grad_accumulation {cfg.optim.grad_accumulation} = {global_batch}; change the number "
+                          "of nodes, batch_size or optim.grad_accumulation")
     return cfg.optim.lr * global_batch / cfg.optim.lr_batch
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+FORCE_NO_WEIGHTS_ONLY = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 
 
 class UnsafeCheckpointError(RuntimeError):
@@ -33,7 +34,8 @@ def deepspeed_classes() -> list[type]:
 def weights_only_loads(where: str | Path):
     """Every torch.load inside is weights-only (with DeepSpeed's classes allowed); `where` (a file or a checkpoint
     folder) names the culprit when a file is refused."""
-    previous = os.environ.get(FORCE_WEIGHTS_ONLY)
+    # The opposite switch in a user's environment would make torch refuse the pair; it is lifted for the duration.
+    previous = {name: os.environ.pop(name, None) for name in (FORCE_WEIGHTS_ONLY, FORCE_NO_WEIGHTS_ONLY)}
     os.environ[FORCE_WEIGHTS_ONLY] = "1"
     try:
         with torch.serialization.safe_globals(deepspeed_classes()):
@@ -41,10 +43,8 @@ def weights_only_loads(where: str | Path):
     except pickle.UnpicklingError as error:
         raise UnsafeCheckpointError(_refusal(Path(where), error)) from None
     finally:
-        if previous is None:
-            os.environ.pop(FORCE_WEIGHTS_ONLY, None)
-        else:
-            os.environ[FORCE_WEIGHTS_ONLY] = previous
+        os.environ.pop(FORCE_WEIGHTS_ONLY, None)
+        os.environ.update({name: value for name, value in previous.items() if value is not None})
 
 
 def load_file(path: str | Path, map_location="cpu"):

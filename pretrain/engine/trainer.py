@@ -70,9 +70,8 @@ class Trainer:
             load_backbone(model.visual if cfg.task == "image-text" else model, cfg.model.pretrained)
 
         base_lr = peak_lr(cfg, world.size)
-        depths = list(self._depths())
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, cfg, depths, base_lr),
+            model=model, model_parameters=param_groups(model, cfg, base_lr),
             config=deepspeed_config(cfg, base_lr, world.device.type == "cuda", universal),
             lr_scheduler=scheduler_factory(cfg, base_lr))
         self.checkpoints.attach(self.engine)

@@ -6,12 +6,13 @@ only safe while no other Python thread exists (CPython gh-112275: a child forked
 interpreter's thread-state lock hangs), so tqdm's monitor thread, the one thread the conversion would start, is off.
 The forked workers inherit the weights-only switch and the allowlist.
 """
+import sys
 import threading
 
 import tqdm
 from deepspeed.checkpoint import ds_to_universal
 
-from pretrain.engine.safe_loading import weights_only_loads
+from pretrain.engine.safe_loading import UnsafeCheckpointError, weights_only_loads
 
 
 def main():
@@ -19,8 +20,11 @@ def main():
     args = ds_to_universal.parse_arguments()
     if threading.active_count() != 1:
         raise RuntimeError(f"{threading.enumerate()} are running; forking the conversion workers could hang")
-    with weights_only_loads(args.input_folder):
-        ds_to_universal.main(args)
+    try:
+        with weights_only_loads(args.input_folder):
+            ds_to_universal.main(args)
+    except UnsafeCheckpointError as error:
+        sys.exit(f"UnsafeCheckpointError: {error}")  # the message, not a traceback: the rank reports it
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from pretrain.engine import safe_loading
+
 CLASSIFIER_PREFIX = "head."
 
 
@@ -15,7 +17,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = safe_loading.load_file(path)
     return state.get("model", state)
 
 

@@ -1,0 +1,116 @@
+"""Input is checked before any rank starts: a bad value, an unknown key or a missing file is one line naming it and exit
+status 2; numbers read as people write them; stage names and SLURM options never reach an sbatch script unchecked."""
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CONFIG, REPO
+from pretrain.config import load_stage_config
+from pretrain.typed_config import ConfigError
+from test_launch_units import run_cli, write_schedule
+
+
+def readme_overrides() -> list[str]:
+    """Every `key=value` the README shows in code (inline or in a block) on a `pretrain run` line or in its text about
+    overrides."""
+    text = (REPO / "README.md").read_text()
+    code = re.findall(r"```.*?```", text, re.S) + re.findall(r"`([^`\n]+)`", text)
+    tokens = {token for span in code for token in span.split()}
+    return sorted(t for t in tokens if re.fullmatch(r"[a-z_]+(\.[a-z_]+)*=[^=\s`]+", t) and "--" not in t)
+
+
+@pytest.mark.parametrize("override", readme_overrides())
+def test_every_override_in_the_readme_works_as_written(override):
+    key, value = override.split("=", 1)
+    cfg = load_stage_config(CONFIG, [override]).to_dict()
+    for part in key.split("."):
+        cfg = cfg[part]
+    assert str(cfg) == value or cfg == pytest.approx(float(value))
+
+
+def test_the_readme_shows_overrides():
+    assert {"optim.lr=1e-5", "max_steps=8", "checkpoint.every=4"} <= set(readme_overrides())
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("optim.lr=3e-4", ("optim", "lr", 3e-4)), ("optim.lr=1e-5", ("optim", "lr", 1e-5)),
+    ("max_steps=1_000", ("max_steps", None, 1000)), ("max_steps=1e5", ("max_steps", None, 100000)),
+    ("optim.eps=1.0e-8", ("optim", "eps", 1e-8)),
+])
+def test_numbers_as_people_write_them(override, expected):
+    section, key, value = expected
+    cfg = load_stage_config(CONFIG, [override]).to_dict()
+    got = cfg[section] if key is None else cfg[section][key]
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("logging.every=0", "logging.every must be > 0"),
+    ("optim.lr=.nan", "optim.lr: expected a finite float"),
+    ("optim.lr=.inf", "optim.lr: expected a finite float"),
+    ("optim.eps=0", "optim.eps must be > 0"),
+    ("text.heads=0", "text.heads must be > 0"),
+    ("text.heads=3", "multiple of text.heads"),
+    ("max_steps=2.5", "expected int"),
+    ("eval.every=-1", "eval.every must be > 0"),
+    ("optim.betas=[0.9, 1.0]", "optim.betas"),
+])
+def test_values_that_make_no_sense_are_refused(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_stage_config(CONFIG, [override])
+
+
+def pretrain_run(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pretrain", "run", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("args, culprit", [
+    (["optim.lr=-1"], "optim.lr must be > 0"),
+    (["optimm.lr=1"], "unknown key(s) ['optimm']"),
+    (["model.pretrained=/nonexistent/backbone.pth"], "model.pretrained: file not found: /nonexistent/backbone.pth"),
+    (["data.train=[{shards: '/nonexistent/{00000..00003}.tar'}]"], "data.train[0].shards: shard not found"),
+    (["max_steps=ten"], "max_steps: expected int"),
+])
+def test_pretrain_run_with_a_bad_config_says_one_line_and_starts_no_rank(tmp_path, args, culprit):
+    proc = pretrain_run(CONFIG, "--launcher", "local", "--nproc", "2", f"run_dir={tmp_path}", *args)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and culprit in proc.stderr and "Traceback" not in proc.stderr
+    assert "starting" not in proc.stdout and not (tmp_path / "config.yaml").exists()
+
+
+def test_every_stage_of_a_schedule_is_checked_first(tmp_path, capsys):
+    schedule = write_schedule(tmp_path)
+    (tmp_path / "finetune.yaml").write_text((REPO / "configs/demo/finetune.yaml").read_text())
+    (tmp_path / "pretrain.yaml").write_text((REPO / "configs/demo/pretrain.yaml").read_text())
+    assert run_cli([str(schedule), "finetune:optim.warmup_steps=-3"]) == 2
+    err = capsys.readouterr().err
+    assert "stage 'finetune'" in err and "optim.warmup_steps must be >= 0" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", ["pre train", "pretrain\nrm -rf /", "../up", "x;y"])
+def test_stage_names_are_checked(tmp_path, capsys, name):
+    schedule = write_schedule(tmp_path)
+    schedule.write_text(schedule.read_text().replace("name: pretrain", f"name: {name!r}"))
+    assert run_cli([str(schedule), "--dry-run", "--engine", "test_launch_fake_engine"]) == 2
+    assert "stage name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [("--partition", "gpu\nrm -rf /"), ("--account", "a;b"), ("--qos", "$(id)"),
+                                         ("--constraint", "a100`id`"), ("--nodes", "0")])
+def test_slurm_options_are_checked_before_an_sbatch_script(tmp_path, capsys, flag, value):
+    code = run_cli([str(write_schedule(tmp_path)), "--launcher", "slurm", "--dry-run", flag, value,
+                    "--engine", "test_launch_fake_engine"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "slurm option" in err and "#SBATCH" not in err
+
+
+def test_slurm_constraint_syntax_passes(tmp_path, capsys):
+    code = run_cli([str(write_schedule(tmp_path)), "--launcher", "slurm", "--dry-run", "--constraint", "[a100&ib|h100]",
+                    "--partition", "gpu,debug", "--engine", "test_launch_fake_engine"])
+    assert code == 0
+    assert "#SBATCH --constraint='[a100&ib|h100]'" in capsys.readouterr().out
