@@ -76,13 +76,25 @@ def test_t_forward_and_backward():
 def test_clip_projector_models_forward_and_backward(name, overrides):
     torch.manual_seed(0)
     model = create_model(name, **overrides)
-    features = model.forward_features(torch.randn(2, 3, 64, 64))
-    assert [tuple(f.shape) for f in features] == [(2, 16, 16, 16), (2, 32, 8, 8), (2, 64, 4, 4), (2, 128, 2, 2)]
-    assert model.forward_head(features, pre_logits=True).shape == (2, 768)
+    x = torch.randn(2, 3, 64, 64)
+    stages = model.forward_stages(x)
+    assert [tuple(f.shape) for f in stages] == [(2, 16, 16, 16), (2, 32, 8, 8), (2, 64, 4, 4), (2, 128, 2, 2)]
+    features = model.forward_features(x)  # stage 3 pixel-shuffled to stride 16, plus stage 2, both at 1024 channels
+    assert features.shape == (2, 1024, 4, 4) and model.num_features == 1024
+    assert model.forward_head(features, pre_logits=True).shape == (2, model.head_hidden_size) == (2, 768)
     logits = model.forward_head(features)
     assert logits.shape == (2, 10)
     logits.square().sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_conv_head_models_pool_the_conv_head_output():
+    model = create_model("internimage_t", **TINY, groups=(1, 2, 4, 8)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    features = model.forward_features(x)
+    assert features.shape == (2, 192, 2, 2) == (2, model.num_features, 2, 2)  # 1.5 x 8C channels at stride 32
+    assert torch.equal(features, model.conv_head(model.forward_stages(x)[3]))
+    assert torch.equal(model.forward_head(features, pre_logits=True), features.mean((2, 3)))
 
 
 def _layer(**overrides):

@@ -1,5 +1,6 @@
 """The InternImage family. `create_model('internimage_h', **overrides)` with the release's argument names."""
-from pretrain.models.internimage import MODEL_CONFIGS, InternImage, load_official_checkpoint
+from pretrain.models.internimage import (MODEL_CONFIGS, InternImage, create_internimage, load_official_checkpoint,
+                                         release_state_dict)
 
 
 def list_models() -> list[str]:
@@ -7,10 +8,11 @@ def list_models() -> list[str]:
 
 
 def create_model(name: str, **overrides) -> InternImage:
-    """Build `name` with the released hyper-parameters, any of them replaced by `overrides`."""
+    """Build `name` with the released hyper-parameters, any of them replaced by `overrides` (the same path as
+    `timm.create_model(name, **overrides)`, except that None-valued overrides are kept rather than dropped)."""
     if name not in MODEL_CONFIGS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODEL_CONFIGS)}")
-    return InternImage(**{**MODEL_CONFIGS[name], **overrides})
+    return create_internimage(name, **overrides)
 
 
-__all__ = ["InternImage", "create_model", "list_models", "load_official_checkpoint"]
+__all__ = ["InternImage", "create_model", "list_models", "load_official_checkpoint", "release_state_dict"]
