@@ -47,6 +47,7 @@ def test_production_schedules_fit_80gb_gpus(schedule):
     for stage in stages:
         cfg = load_stage_config(REPO / stage["config"])
         devices = stage["slurm"]["nodes"] * stage["slurm"]["gpus_per_node"]
-        assert cfg.batch_size * devices * cfg.optim.grad_accumulation == 512  # the release's batch
+        assert cfg.batch_size * devices * cfg.optim.grad_accumulation == cfg.global_batch  # what the config declares
+        assert cfg.global_batch == (32768 if cfg.task == "image-text" else 512)  # contrastive scale / the release's
         result = estimate(cfg, devices)
         assert result.total(cfg.model.activation_checkpointing) < 80e9 * 0.9, (stage["name"], result.as_gib())
