@@ -35,6 +35,7 @@ def is_wanted_member(name: str) -> bool:
 
 
 def check_member_sizes(sample: dict) -> None:
+    """A member that tars.py left unread for its size is None: the sample cannot be used."""
     if any(value is None for key, value in sample.items() if not key.startswith("__")):
         raise Skip(stats.OVERSIZED_MEMBER)
 
