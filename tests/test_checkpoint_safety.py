@@ -61,9 +61,10 @@ def test_resume_refuses_a_crafted_checkpoint(reference_run, tmp_path):
     marker = tmp_path / "payload-ran"
     checkpoints = crafted_checkpoint(reference_run[0], tmp_path, marker)
     proc = resume(checkpoints.parent, nproc=2)
-    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "UnsafeCheckpointError: refused to load" in proc.stderr
-    assert all(name in proc.stderr for name in CRAFTED) and "posix.system" in proc.stderr
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-6000:]
+    assert "UnsafeCheckpointError: refused to load" in out
+    assert all(name in out for name in CRAFTED) and "posix.system" in out
     assert not marker.exists()
 
 
@@ -71,8 +72,9 @@ def test_universal_conversion_refuses_a_crafted_checkpoint(reference_run, tmp_pa
     marker = tmp_path / "payload-ran"
     checkpoints = crafted_checkpoint(reference_run[0], tmp_path, marker)
     proc = resume(checkpoints.parent, nproc=1)  # saved on 2 ranks: converted to the universal format first
-    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "universal conversion" in proc.stderr and "refused to load" in proc.stderr
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-6000:]
+    assert "universal conversion" in out and "refused to load" in out
     assert not marker.exists() and not list(checkpoints.glob("*_universal"))
 
 

@@ -12,13 +12,19 @@ from pretrain.typed_config import ConfigError
 from test_launch_units import run_cli, write_schedule
 
 
+OVERRIDE = re.compile(r"[a-z_]+(\.[a-z_]+)*=[^=\s`]+")
+
+
 def readme_overrides() -> list[str]:
-    """Every `key=value` the README shows in code (inline or in a block) on a `pretrain run` line or in its text about
-    overrides."""
+    """Every `key=value` override the README shows: on `pretrain run` command lines, and in inline code made of
+    overrides only."""
     text = (REPO / "README.md").read_text()
-    code = re.findall(r"```.*?```", text, re.S) + re.findall(r"`([^`\n]+)`", text)
-    tokens = {token for span in code for token in span.split()}
-    return sorted(t for t in tokens if re.fullmatch(r"[a-z_]+(\.[a-z_]+)*=[^=\s`]+", t) and "--" not in t)
+    blocks = re.findall(r"```.*?```", text, re.S)
+    commands = [line for block in blocks for line in block.splitlines() if "pretrain run" in line]
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    spans = [span for span in re.findall(r"`([^`]+)`", prose) if all(OVERRIDE.fullmatch(t) for t in span.split())]
+    tokens = {token for line in commands + spans for token in line.split("#")[0].split()}
+    return sorted(t for t in tokens if OVERRIDE.fullmatch(t))
 
 
 @pytest.mark.parametrize("override", readme_overrides())
@@ -62,11 +68,6 @@ def test_values_that_make_no_sense_are_refused(override, message):
         load_stage_config(CONFIG, [override])
 
 
-def pretrain_run(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pretrain", "run", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
-
-
 @pytest.mark.parametrize("args, culprit", [
     (["optim.lr=-1"], "optim.lr must be > 0"),
     (["optimm.lr=1"], "unknown key(s) ['optimm']"),
@@ -74,11 +75,18 @@ def pretrain_run(*args) -> subprocess.CompletedProcess:
     (["data.train=[{shards: '/nonexistent/{00000..00003}.tar'}]"], "data.train[0].shards: shard not found"),
     (["max_steps=ten"], "max_steps: expected int"),
 ])
-def test_pretrain_run_with_a_bad_config_says_one_line_and_starts_no_rank(tmp_path, args, culprit):
-    proc = pretrain_run(CONFIG, "--launcher", "local", "--nproc", "2", f"run_dir={tmp_path}", *args)
-    assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and culprit in proc.stderr and "Traceback" not in proc.stderr
-    assert "starting" not in proc.stdout and not (tmp_path / "config.yaml").exists()
+def test_pretrain_run_with_a_bad_config_says_one_line_and_starts_no_rank(tmp_path, capsys, args, culprit):
+    assert run_cli([CONFIG, "--launcher", "local", "--nproc", "2", f"run_dir={tmp_path}", *args]) == 2
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and culprit in err and not out
+    assert not (tmp_path / "config.yaml").exists()
+
+
+def test_the_command_line_says_it_in_one_line_with_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pretrain", "run", CONFIG, "--nproc", "2", f"run_dir={tmp_path}",
+                           "logging.every=0"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and not proc.stdout
+    assert proc.stderr == f"pretrain run: stage 'pretrain' ({CONFIG}): logging.every must be > 0, got 0\n"
 
 
 def test_every_stage_of_a_schedule_is_checked_first(tmp_path, capsys):
