@@ -97,11 +97,16 @@ def test_two_rank_checkpoint_resumes_on_one_rank(reference_run, tmp_path):
     import shutil
 
     reference_dir, _ = reference_run
-    shutil.copytree(reference_dir / "checkpoints", tmp_path / "checkpoints")
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(reference_dir / "checkpoints", checkpoints)
+    # What a conversion killed half-way leaves: a staging folder, and (from older versions) a target without manifest.
+    (checkpoints / ".staging-step00000012_universal/zero").mkdir(parents=True)
+    (checkpoints / "step00000012_universal/zero").mkdir(parents=True)
     result = run(tmp_path, "max_steps=14", "checkpoint.every=4", nproc=1)
     assert result["status"] == "completed" and result["metrics"]["step"] == 14
     resume = next(r for r in records(tmp_path) if r.get("event") == "resume")
     assert resume["step"] == 12 and resume["world_size"] == 1 and resume["checkpoint"].endswith("_universal")
+    assert (checkpoints / "step00000012_universal/manifest.json").is_file()  # converted anew, then committed
     assert all(l == l for l in losses(tmp_path).values())  # finite, not NaN
 
 

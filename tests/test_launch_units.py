@@ -114,3 +114,13 @@ def test_dry_run_local(tmp_path, capsys):
     assert run_cli([str(write_schedule(tmp_path)), "--dry-run", "--nproc", "2", "--engine", "test_launch_fake_engine"]) == 0
     out = capsys.readouterr().out
     assert "# pretrain: 2 x " in out and "launch.worker" in out and "seed: 2" in out
+
+
+def test_a_result_cut_short_counts_as_unfinished(tmp_path, capsys):
+    from launch.schedule import read_result
+
+    stage = build_plan(str(write_schedule(tmp_path)), []).stages[0]
+    Path(stage.run_dir).mkdir(parents=True)
+    stage.result_path().write_text('{"zero_shot_top1": 0.9')
+    assert read_result(stage) is None
+    assert "will run again from its last checkpoint" in capsys.readouterr().err
