@@ -4,7 +4,7 @@ what it loads here every worker has from the start, copy-on-write, instead of lo
 It also makes the forkserver ignore the stop signals, as the workers do (loader.ignore_stop_signals): SLURM sends them
 to every process of a job step on preemption, and a forkserver that died of one would orphan the workers, whose
 parent-process check then ends them while their rank still needs batches to reach its coordinated save."""
-from pretrain.data import loader  # noqa: F401 (for what it imports: torch, webdataset, PIL, timm's transforms)
+from pretrain.data import loader  # and with it what the workers import: torch, webdataset, PIL, timm's transforms
 from pretrain.data.tokenizer import clip_bpe
 
 loader.ignore_stop_signals(0)
