@@ -38,7 +38,7 @@ def fake_engine_env(monkeypatch):
 
 def slurm_args(tmp_path, *extra):
     return ["--launcher", "slurm", "--nodes", "2", "--tasks-per-node", "1", "--cpus-per-task", "1", "--time", "10",
-            "--submitit-dir", str(tmp_path / "submitit" / "%j"), "--wait-timeout", "240", *extra]
+            "--submitit-dir", str(tmp_path / "submitit" / "%j"), "--wait-timeout", "480", *extra]
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -79,7 +79,7 @@ def test_demo_schedule_two_nodes_survives_scontrol_requeue(tmp_path, capsys):
              what="pretrain step 4")
     job = running_job("pretrain:pretrain")
     subprocess.run(["scontrol", "requeue", job], check=True)
-    thread.join(300)
+    thread.join(540)
     out = capsys.readouterr().out
     assert box.get("code") == 0, out
     resumes = [m for m in metrics(pre) if m.get("event") == "resume"]
