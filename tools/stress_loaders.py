@@ -9,6 +9,7 @@ hang, and the run goes on. The loaders are the project's own, on the demo data o
     python tools/stress_loaders.py --starts 500                              # workers as the loaders start them
     python tools/stress_loaders.py --starts 500 --start-method fork          # the old path, for comparison
     python tools/stress_loaders.py --starts 500 --start-method fork --churn 2   # ... with native threads entering
+    python tools/stress_loaders.py --starts 200 --start-method both          # start-up cost, the two alternating
     torchrun --nproc-per-node 2 tools/stress_loaders.py --starts 250         # two ranks
 
 `--churn N` adds N threads that keep starting native threads which each call into Python once, as callbacks from C++
@@ -40,8 +41,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--config", default=str(REPO / "configs/demo/pretrain.yaml"), help="stage config")
     parser.add_argument("--workers", type=int, help="data.workers (default: the config's)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds a start may take before it is a hang")
-    parser.add_argument("--start-method", choices=("forkserver", "fork"), default="forkserver",
-                        help="fork: how workers were started before (the rank forks itself)")
+    parser.add_argument("--start-method", choices=("forkserver", "fork", "both"), default="forkserver",
+                        help="fork: how workers were started before (the rank forks itself); both: alternate")
     parser.add_argument("--churn", type=int, default=0, help="threads starting native threads that enter Python")
     return parser.parse_args()
 
@@ -150,11 +151,19 @@ def loader_starts(cfg, world):
 
 
 def summary(seconds: list[float]) -> dict:
+    """Over the starts in the order they came; the first one alone too (it starts the forkserver)."""
     if not seconds:
         return {}
     ordered = sorted(seconds)
     return {"mean_s": round(statistics.fmean(ordered), 4), "p50_s": round(ordered[len(ordered) // 2], 4),
-            "p99_s": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 4)}
+            "p99_s": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 4),
+            "first_s": round(seconds[0], 4)}
+
+
+def worker_contexts(loader, start_method: str) -> dict:
+    """By start method, what loader.worker_context is to return: its own forkserver, or the rank forking itself."""
+    contexts = {"forkserver": loader.worker_context, "fork": lambda: multiprocessing.get_context("fork")}
+    return {method: contexts[method] for method in (contexts if start_method == "both" else (start_method,))}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -164,23 +173,25 @@ def run(args: argparse.Namespace) -> dict:
     from pretrain.config import load_stage_config
     from pretrain.data import loader
 
-    if args.start_method == "fork":
-        loader.worker_context = lambda: multiprocessing.get_context("fork")
+    contexts = worker_contexts(loader, args.start_method)
     overrides = [f"data.workers={args.workers}"] if args.workers is not None else []
     cfg = load_stage_config(args.config, overrides)
     with tempfile.TemporaryDirectory() as run_dir:
         world, _engine, writer = rank_threads(run_dir)
         start_native_churn(args.churn)
         starts = loader_starts(cfg, world)
-        seconds, hangs = {kind: [] for kind in starts}, {kind: 0 for kind in starts}
+        keys = [f"{method} {kind}" for method in contexts for kind in starts]
+        seconds, hangs = {key: [] for key in keys}, {key: 0 for key in keys}
         threads = len(os.listdir("/proc/self/task"))
         for i in tqdm(range(args.starts), disable=world.rank != 0, desc=f"{args.start_method} starts"):
-            for kind, pull in starts.items():
-                took = timed_start(pull, args.timeout)
-                if took is None:
-                    hangs[kind] += 1
-                else:
-                    seconds[kind].append(took)
+            for method, context in contexts.items():
+                loader.worker_context = context
+                for kind, pull in starts.items():
+                    took = timed_start(pull, args.timeout)
+                    if took is None:
+                        hangs[f"{method} {kind}"] += 1
+                    else:
+                        seconds[f"{method} {kind}"].append(took)
             writer.add_scalar("stress/start", i + 1, i + 1)
         writer.close()
         gathered = [None] * world.size
@@ -189,12 +200,12 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def report(args: argparse.Namespace, cfg, ranks: list[dict]) -> dict:
-    kinds = ranks[0]["seconds"]
+    keys = ranks[0]["seconds"]
     return {
         "start_method": args.start_method, "ranks": len(ranks), "workers": cfg.data.workers, "churn": args.churn,
-        "starts": {kind: args.starts * len(ranks) for kind in kinds},
-        "hangs": {kind: sum(r["hangs"][kind] for r in ranks) for kind in kinds},
-        "start_up": {kind: summary([s for r in ranks for s in r["seconds"][kind]]) for kind in kinds},
+        "starts": {key: args.starts * len(ranks) for key in keys},
+        "hangs": {key: sum(r["hangs"][key] for r in ranks) for key in keys},
+        "start_up": {key: summary([s for r in ranks for s in r["seconds"][key]]) for key in keys},
         "threads_per_rank": [r["threads"] for r in ranks], "timeout_s": args.timeout,
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
     }
