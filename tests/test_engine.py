@@ -157,25 +157,47 @@ def test_finetune_from_export_with_mixup_and_partitioned_ema(reference_run, tmp_
     assert per_rank[0] == per_rank[1] and total <= sum(per_rank) < total + 2 * len(shadows[0])
 
 
-def test_bad_samples_are_skipped_and_reported_without_stopping_the_run(tmp_path):
+def test_bad_and_hostile_samples_are_skipped_and_reported_without_stopping_the_run(tmp_path):
     import io
+    import tarfile
 
-    import webdataset as wds
     from PIL import Image
+
+    def member(tar, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
 
     buffer = io.BytesIO()
     Image.new("RGB", (32, 32), (200, 10, 10)).save(buffer, format="JPEG")
     good = buffer.getvalue()
-    with wds.TarWriter(str(tmp_path / "broken.tar")) as tar:
+    buffer = io.BytesIO()
+    Image.new("1", (11_000, 11_000)).save(buffer, format="PNG")  # 121 Mpx in ~15 KB
+    bomb = buffer.getvalue()
+    # Small on disk (gzip), though it holds 64 MiB members, which must never be read whole.
+    with tarfile.open(tmp_path / "hostile.tar.gz", "w:gz") as tar, open("/dev/zero", "rb") as zeros:
         for i in range(20):
-            tar.write({"__key__": f"t{i}", "jpg": good[: len(good) // 2], "txt": "a truncated jpeg"})
-            tar.write({"__key__": f"h{i}", "jpg": b"<html>not an image</html>", "txt": "html saved as .jpg"})
-            tar.write({"__key__": f"c{i}", "jpg": good})  # no caption
+            member(tar, f"t{i}.jpg", good[: len(good) // 2])
+            member(tar, f"t{i}.txt", b"a truncated jpeg")
+            member(tar, f"h{i}.jpg", b"<html>not an image</html>")
+            member(tar, f"h{i}.txt", b"html saved as .jpg")
+            member(tar, f"c{i}.jpg", good)  # no caption
+            member(tar, f"p{i}.png", bomb)
+            member(tar, f"p{i}.txt", b"a pixel bomb")
+            member(tar, f"l{i}.jpg", good)
+            member(tar, f"l{i}.txt", b"a caption of a megabyte " * 40_000)
+            if i < 3:  # skipping one still inflates it: a few are enough
+                huge = tarfile.TarInfo(f"o{i}.jpg")
+                huge.size = 64 * 2**20
+                tar.addfile(huge, zeros)
+                member(tar, f"o{i}.txt", b"an oversized member")
     demo = REPO / "data/demo/image-text/train/{00000..00007}.tar"
-    train = f'[{{shards: "{demo}"}}, {{shards: "{tmp_path / "broken.tar"}", weight: 0.5}}]'
+    train = f'[{{shards: "{demo}"}}, {{shards: "{tmp_path / "hostile.tar.gz"}", weight: 0.5}}]'
     result = run(tmp_path / "run", "max_steps=4", f"data.train={train}", "data.samples_per_epoch=1000")
     assert result["status"] == "completed"
     logged = [r for r in records(tmp_path / "run") if "loss" in r]
-    assert sum(r["skipped"] for r in logged) > 0
-    reasons = {k for r in logged for k in r if k.startswith("skipped/")}
-    assert reasons and all(sum(r.get(k, 0) for r in logged) > 0 for k in reasons)
+    totals = {k: sum(r.get(k, 0) for r in logged) for k in {k for r in logged for k in r}
+              if k.startswith("skipped/") or k == "truncated_caption"}
+    assert {"skipped/bad_image", "skipped/missing_caption", "skipped/oversized_image", "skipped/oversized_member",
+            "truncated_caption"} <= {k for k, v in totals.items() if v > 0}, totals
+    assert sum(r["skipped"] for r in logged) == sum(v for k, v in totals.items() if k.startswith("skipped/"))

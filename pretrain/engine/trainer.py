@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from pretrain.config import StageConfig, load_stage_config, save_resolved
+from pretrain.data.stats import NOT_SKIPS, skipped_total
 from pretrain.engine import preemption
 from pretrain.engine.checkpoint import CheckpointManager
 from pretrain.engine.distributed import (World, abort, any_rank, init_distributed, mean_over_ranks, seed_everything,
@@ -166,7 +167,8 @@ class Trainer:
         skipped = sum_counts_over_ranks(window.skipped)
         samples_per_s = window.samples * self.world.size / max(window.elapsed(), 1e-9)
         report = {**averaged, "lr": self.scheduler.get_last_lr()[0], "samples_per_s": samples_per_s,
-                  "skipped": sum(skipped.values()), **{f"skipped/{k}": v for k, v in skipped.items()},
+                  "skipped": skipped_total(skipped),
+                  **{k if k in NOT_SKIPS else f"skipped/{k}": v for k, v in skipped.items()},
                   "peak_memory_mb": peak_memory_per_rank(device),
                   "tflops_per_device": flops_per_sample * samples_per_s / self.world.size / 1e12}
         peak = device_peak_tflops(device, self.cfg.logging.peak_tflops)
