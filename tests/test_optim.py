@@ -108,7 +108,8 @@ def test_ratios_reach_the_vision_tower_of_an_image_text_model():
         model = ImageTextModel(tower, torch.nn.Linear(4, 8))
     ratios = lr_ratios(model, 0.5, 0.1)
     assert ratios == {f"visual.{k}": v for k, v in tower.lr_ratios(0.5, 0.1).items()}
-    assert ratios["visual.levels.3.blocks.0.mlp.fc2.weight"] == 1.0 and ratios["visual.patch_embed.conv2.bias"] == 0.5 ** 4
+    assert ratios["visual.levels.3.blocks.0.mlp.fc2.weight"] == 1.0
+    assert ratios["visual.patch_embed.conv2.bias"] == 0.5 ** 4
 
 
 def test_warmup_then_cosine_to_the_floor():

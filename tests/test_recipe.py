@@ -96,8 +96,8 @@ DELIBERATE = {  # (stage or "*", hyper-parameter): why ours differs
                             "leaves colour jitter out whenever RandAugment is on; ours has none: the same transform",
     ("*", "precision"): "bf16 halves the activation memory and runs at the bf16 tensor-core rate; master weights and "
                         "Adam states stay fp32 (DeepSpeed). The release ran fp32 (AMP O0)",
-    ("*", "ZeRO stage"): "every stage here runs under ZeRO-3 (models built inside zero.Init, no rank ever holds a whole "
-                         "model); the optimiser's arithmetic is the same as under the release's ZeRO-1 or DDP",
+    ("*", "ZeRO stage"): "every stage here runs under ZeRO-3 (models built inside zero.Init, no rank ever holds a "
+                         "whole model); the optimiser's arithmetic is the same as under the release's ZeRO-1 or DDP",
     ("internimage_h/in22k_384", "epochs"): "IN-22K, not IN-1K: the release published no config for this stage, "
                                            "30 epochs is our assumption",
     ("internimage_g/in22k_384", "epochs"): "IN-22K, not IN-1K: the release published no config for this stage, "

@@ -2,7 +2,7 @@
 # timm's own model test suite on internimage_t and internimage_s: tests/test_models.py of timm 1.0.31's source
 # distribution (fetched with pip), every test whose parametrisation selects them, plus the feature-API tests that
 # timm parametrises over its own modules only, called on ours (tools/timm_suite_on_internimage.py).
-#   tools/timm_model_tests.sh            # about 2 minutes on 2 cores
+#   tools/timm_model_tests.sh            # about 3 minutes on 2 busy cores, after a one-off download
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 python="${PYTHON:-$repo/.venv/bin/python}"

@@ -254,7 +254,7 @@ class InternImageStage(nn.Module):
         """Returns (stage output before downsampling, input of the next stage)."""
         for i, block in enumerate(self.blocks):
             x = block(x)
-            for k, post_norm in enumerate(self.post_norms):  # a ModuleList cannot be indexed by a variable in TorchScript
+            for k, post_norm in enumerate(self.post_norms):  # TorchScript cannot index a ModuleList by a variable
                 if self.post_norm_block_ids[k] == i:
                     x = post_norm(x)
         x = self.norm(x)
@@ -288,7 +288,8 @@ class CrossAttention(nn.Module):
 
     def forward(self, q, k, v):
         # Calling the bias-free Linear modules (rather than F.linear on their weights) lets ZeRO-3's hooks gather them.
-        q, k, v = self._heads(self.q(q) + self.q_bias), self._heads(self.k(k) + self.k_bias), self._heads(self.v(v) + self.v_bias)
+        q, k, v = (self._heads(self.q(q) + self.q_bias), self._heads(self.k(k) + self.k_bias),
+                   self._heads(self.v(v) + self.v_bias))
         attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(-1)
         x = (attn @ v).transpose(1, 2).flatten(2)
         return self.proj(x)
