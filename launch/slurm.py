@@ -13,7 +13,7 @@ PreemptMode=REQUEUE) sends SIGTERM instead, on which the engine does the same co
 itself. A preempted task exits without a result, so the job stays pending/running for submitit.
 
 Without accounting (the test cluster), submitit's sacct-based states read UNKNOWN; the wait loop reads states from
-squeue instead and results from submitit's pickles.
+squeue instead, and once squeue forgets a job, its stage's result.json or failure records (never a pickle).
 """
 from __future__ import annotations
 
@@ -293,17 +293,14 @@ def _stream_metrics(item: Submitted, log: Callable[[str], None]) -> None:
             log(f"[{item.stage.name}] {fields}")
 
 
-def _state_from_result(item: Submitted) -> str:
-    from submitit.core.utils import pickle_load
-
-    path = item.job.paths.result_pickle
-    if not path.exists():
-        return "UNKNOWN"
-    try:
-        outcome = pickle_load(path)[0]
-    except Exception:  # noqa: BLE001 - being written
-        return "UNKNOWN"
-    return "COMPLETED" if outcome == "success" else "FAILED"
+def _state_after_queue(item: Submitted) -> str:
+    """How a job that squeue no longer lists ended, from what its stage left: result.json, or the ranks' failure
+    records. (Not from submitit's result pickle: unpickling a file of the run directory here could run its code.)"""
+    if read_result(item.stage) is not None:
+        return "COMPLETED"
+    if failures.read_records(item.stage.run_dir, item.submitted_at):
+        return "FAILED"
+    return "UNKNOWN"
 
 
 def _failure_text(item: Submitted) -> str:
@@ -328,8 +325,8 @@ def wait(plan: Plan, submitted: list[Submitted], log=print, poll_s: float = 2.0,
             if item.done:
                 continue
             state, reason = states.get(item.job_id, ("", ""))
-            if not state:  # gone from squeue (older than MinJobAge): ask submitit's result pickle
-                state = _state_from_result(item)
+            if not state:  # gone from squeue (older than MinJobAge)
+                state = _state_after_queue(item)
             shown = f"{state} ({reason})" if reason and reason != "None" else state
             if shown != item.reported:
                 log(f"[{item.stage.name}] job {item.job_id}: {shown}")
