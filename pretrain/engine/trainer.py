@@ -40,6 +40,24 @@ def run_stage(config_path: str, overrides: list[str] = ()) -> dict:
     return result
 
 
+def build_model(task, cfg: StageConfig, dtype: torch.dtype) -> torch.nn.Module:
+    """The task's model in the run's precision. Under ZeRO-3 its towers are built inside zero.Init, which partitions
+    them in the dtype its config names; what the task builds outside it (the image-text text tower, the temperature)
+    is cast here, since DeepSpeed casts nothing in a model that zero.Init has touched and ZeRO-3 needs one dtype."""
+    import deepspeed
+
+    if cfg.zero.stage != 3:
+        return task.build(nullcontext())
+    zero_init = deepspeed.zero.Init(config_dict_or_path={
+        "train_micro_batch_size_per_gpu": cfg.batch_size, "zero_optimization": {"stage": 3},
+        "bf16": {"enabled": cfg.precision == "bf16"}, "fp16": {"enabled": cfg.precision == "fp16"}})
+    model = task.build(zero_init)
+    for param in model.parameters():
+        if not hasattr(param, "ds_id"):
+            param.data = param.data.to(dtype)
+    return model
+
+
 class Trainer:
     def __init__(self, cfg: StageConfig, world: World):
         import deepspeed
@@ -63,10 +81,7 @@ class Trainer:
             tag = self.checkpoints.prepare_universal(tag)
 
         seed_everything(cfg.seed)  # identical initial weights on every rank
-        zero_init = deepspeed.zero.Init(config_dict_or_path={"train_micro_batch_size_per_gpu": cfg.batch_size,
-                                                             "zero_optimization": {"stage": 3}}) \
-            if cfg.zero.stage == 3 else nullcontext()
-        model = self.task.build(zero_init)
+        model = build_model(self.task, cfg, self.dtype)
         if cfg.model.pretrained and tag is None:
             load_backbone(model.visual if cfg.task == "image-text" else model, cfg.model.pretrained)
 
