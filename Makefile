@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: test demo venv clean
+.PHONY: test demo venv clean gpu-check
 
 venv: $(STAMP)
 
@@ -24,6 +24,13 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/pretrain run configs/schedules/demo.yaml --launcher local --nproc 2
+
+# The GPU check (docs/gpu_check.md), under whatever Python has torch: ./.venv's if `make venv` made it, else python3
+# (a GPU machine's own torch is used as it is). It builds the extensions in place itself.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(GPU_PY) tools/gpu_check.py --out runs/gpu_check.json $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build *.egg-info pretrain/*.so

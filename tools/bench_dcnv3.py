@@ -7,7 +7,8 @@ device-to-device copy bandwidth) and the speed-up of ours over each.
 
     OMP_NUM_THREADS=2 python tools/bench_dcnv3.py --device cpu --threads 2
     python tools/bench_dcnv3.py --device cuda
-    python tools/bench_dcnv3.py --device cuda --release-src PATH/internimage_ops_dcnv3 --dcnv4 PATH/DCNv4-1.0.0.post2.tar.gz
+    python tools/bench_dcnv3.py --device cuda --release-src PATH/internimage_ops_dcnv3 \
+        --dcnv4 PATH/DCNv4-1.0.0.post2.tar.gz
 
 The peers are built on the machine that runs them (their setup.py needs a visible GPU), from copies under --peers-dir,
 never inside this repository. What each one runs is what its own module runs: the release softmaxes the mask in
@@ -214,7 +215,8 @@ def find_cuda_home() -> str | None:
     """As setup.py finds it: torch guesses wrong when nvcc is a wrapper script outside the toolkit."""
     nvcc = shutil.which("nvcc")
     candidates = [os.environ.get("CUDA_HOME"), nvcc and str(Path(nvcc).resolve().parent.parent), "/usr/local/cuda"]
-    return next((home for home in candidates if home and Path(home, "bin", "nvcc").exists()), None)
+    return next((home for home in candidates if home and Path(home, "bin", "nvcc").exists()
+                 and Path(home, "include", "cuda_runtime_api.h").exists()), None)
 
 
 def build_env() -> dict:
@@ -224,9 +226,9 @@ def build_env() -> dict:
     home = find_cuda_home()
     if home:
         env.setdefault("CUDA_HOME", home)
-    if torch.cuda.is_available():
+    if "TORCH_CUDA_ARCH_LIST" not in env and torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
-        env.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
+        env["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
     env.setdefault("MAX_JOBS", str(os.cpu_count() or 4))
     wheel_headers = [str(p) for root in sys.path if root for p in Path(root).glob("nvidia/*/include")]
     env["CPATH"] = os.pathsep.join(filter(None, [*wheel_headers, env.get("CPATH")]))
@@ -247,11 +249,25 @@ def unpack(source: Path, folder: Path):
         shutil.move(str(top), folder)
 
 
+def modernise_release(folder: Path) -> bool:
+    """The release dispatches on `input.type()`, which recent torch no longer converts to a ScalarType (torch 2.14:
+    "no suitable conversion function from DeprecatedTypeProperties"); its users build it with `input.scalar_type()`
+    there, a change of spelling only. Applied to the copy being built; True if anything changed."""
+    path = folder / "src/cuda/dcnv3_cuda.cu"
+    text = path.read_text()
+    fixed = text.replace("input.type(), \"ms_deform_attn", "input.scalar_type(), \"ms_deform_attn")
+    path.write_text(fixed)
+    return fixed != text
+
+
 def build_peer(name: str, source: Path, peers_dir: Path) -> Path:
     """Build `name` from `source` under peers_dir (reused when already built); returns the folder to import from."""
     folder = peers_dir / name
     if list(folder.glob(PEER_LIBRARIES[name])):
         return folder
+    failed = peers_dir / f"{name}.failed"
+    if failed.exists():  # a background build (--build-peers-only) already failed: no second attempt
+        raise PeerUnavailable(failed.read_text())
     if not source.exists():
         raise PeerUnavailable(f"{source} does not exist")
     shutil.rmtree(folder, ignore_errors=True)
@@ -260,11 +276,16 @@ def build_peer(name: str, source: Path, peers_dir: Path) -> Path:
     log = peers_dir / f"{name}-build.log"
     start = time.time()
     with open(log, "w") as out:
-        proc = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=folder, env=build_env(),
-                              stdout=out, stderr=subprocess.STDOUT)
+        if name == "release" and modernise_release(folder):
+            out.write("gpu_check: dispatch on input.scalar_type() instead of input.type() (see modernise_release)\n")
+            out.flush()
+        proc = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], check=False, cwd=folder,
+                              env=build_env(), stdout=out, stderr=subprocess.STDOUT)
     if proc.returncode != 0 or not list(folder.glob(PEER_LIBRARIES[name])):
-        tail = log.read_text()[-1500:]
-        raise PeerUnavailable(f"build failed (exit {proc.returncode}, {time.time() - start:.0f} s), {log}:\n{tail}")
+        seconds = time.time() - start
+        message = f"build failed (exit {proc.returncode}, {seconds:.0f} s), {log}:\n" + log.read_text()[-1500:]
+        failed.write_text(message)
+        raise PeerUnavailable(message)
     print(f"built {name} in {time.time() - start:.0f} s", file=sys.stderr)
     return folder
 
@@ -411,7 +432,11 @@ def main():
     if args.build_peers_only:
         for name, source in sources.items():
             if source:
-                build_peer(name, Path(source), Path(args.peers_dir))
+                (Path(args.peers_dir) / f"{name}.failed").unlink(missing_ok=True)
+                try:
+                    build_peer(name, Path(source), Path(args.peers_dir))
+                except PeerUnavailable as error:
+                    print(f"{name}: {error}", file=sys.stderr)
         return
     shapes = QUICK_SHAPES if args.quick else CPU_SHAPES if args.device == "cpu" else CUDA_SHAPES
     if args.device == "cpu":
