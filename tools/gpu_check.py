@@ -158,24 +158,13 @@ def stale(paths: list[Path]) -> bool:
     return any(not p.exists() or p.stat().st_mtime < newest_source for p in paths)
 
 
-def build_env(cuda: bool) -> dict:
-    """One architecture (this GPU's) instead of setup.py's default two, and every core."""
-    env = {"MAX_JOBS": str(os.cpu_count() or 4)}
-    if cuda:
-        capability = subprocess.run([sys.executable, "-c", "import torch; print('%d.%d' % "
-                                     "torch.cuda.get_device_capability())"], capture_output=True, text=True,
-                                    check=True).stdout.strip()
-        env["TORCH_CUDA_ARCH_LIST"] = os.environ.get("TORCH_CUDA_ARCH_LIST", capability)
-    return env
-
-
 FUSED_ADAM = "from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()"
 BACKENDS = "from pretrain.ops import available_backends; print(','.join(available_backends()))"
 
 
 def part_build(ctx: Context, part: Part):
-    env = build_env(ctx.cuda)
-    part.figures["arch_list"] = env.get("TORCH_CUDA_ARCH_LIST")
+    env = {"MAX_JOBS": str(os.cpu_count() or 4)}  # ninja compiles the extensions' sources side by side
+    part.figures["arch_list"] = os.environ.get("TORCH_CUDA_ARCH_LIST")
     adam_log = ctx.work / "logs/fused_adam.log"
     adam = subprocess.Popen([sys.executable, "-c", FUSED_ADAM], env={**os.environ, **env}, stdout=open(adam_log, "w"),
                             stderr=subprocess.STDOUT) if ctx.cuda else None
@@ -440,14 +429,23 @@ def install_wheels(wheels: Path, site: Path):
                     "--no-cache-dir", "--upgrade", "--target", str(site), *files], check=True)
 
 
+CAPABILITY = "import torch; print('%d.%d' % torch.cuda.get_device_capability())"
+
+
 def prepare_environment(args):
-    """PYTHONPATH for every child: the installed wheels, then the repo (which is not pip-installed there)."""
+    """For every child: PYTHONPATH with the installed wheels, then the repo (which is not pip-installed there); and
+    TORCH_CUDA_ARCH_LIST set to this GPU's architecture alone, so that our extension, DeepSpeed's fused Adam and the
+    peers compile once for it (not setup.py's two architectures), and every later JIT load finds the same build."""
     paths = [str(REPO)]
     if args.wheels:
         site = Path(args.work) / "site"
         install_wheels(Path(args.wheels), site)
         paths.insert(0, str(site))
     os.environ["PYTHONPATH"] = os.pathsep.join([*paths, *filter(None, [os.environ.get("PYTHONPATH")])])
+    if args.device == "cuda" and "TORCH_CUDA_ARCH_LIST" not in os.environ:
+        found = subprocess.run([sys.executable, "-c", CAPABILITY], capture_output=True, text=True)
+        if found.returncode == 0:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = found.stdout.strip().splitlines()[-1]
 
 
 MACHINE = """import json, platform, torch

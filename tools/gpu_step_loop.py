@@ -118,13 +118,15 @@ def summarize_trace(trace: dict, device_type: str, steps: int, top: int = 10) ->
 
 
 def profile(task, engine, batch, dtype, device, steps) -> dict:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    """`steps` profiled steps after one warm-up step under the profiler (which leaves its own start-up out)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile, schedule
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch_profile(activities=activities) as prof:
-        for _ in range(steps):
+    with torch_profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=steps)) as prof:
+        for _ in range(steps + 1):
             train_step(task, engine, batch, dtype)
-        synchronize(device)
+            synchronize(device)
+            prof.step()
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "trace.json"
         prof.export_chrome_trace(str(path))
