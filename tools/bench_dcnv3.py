@@ -173,7 +173,7 @@ class Release(Ours):
         grouped = (n, h, w, self.shape.group, -1)
         grad_logits = torch._softmax_backward_data(grad_weights.view(grouped).to(self.weights.dtype),
                                                    self.weights.view(grouped), -1, self.weights.dtype)
-        return grad_input, grad_offset, grad_logits
+        return grad_input, grad_offset, grad_logits.view(n, h, w, -1)
 
 
 class DCNv4:
@@ -187,7 +187,7 @@ class DCNv4:
         self.shape = shape
         value, _, _ = shape.tensors("cuda", dtype)
         channels = math.ceil(shape.group * shape.points * 3 / 8) * 8
-        offset_mask = torch.randn(*value.shape[:3], channels, device="cuda", dtype=dtype) * 2
+        offset_mask = torch.randn(*value.shape[:3], channels, device=value.device, dtype=dtype) * 2
         self.inputs = (value, offset_mask)
         self.grad_output = torch.randn_like(value)
         dims = (shape.n, shape.size, shape.size, shape.group, shape.group_channels)
