@@ -189,6 +189,9 @@ def part_build(ctx: Context, part: Part):
 
 # -- tests
 
+NO_GPU_REASON = "no CUDA device"  # the skip reason of every GPU test (needs_gpu)
+
+
 def part_tests(ctx: Context, part: Part):
     files = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*cuda*.py"))
     junit = ctx.work / "tests.xml"
@@ -205,8 +208,7 @@ def part_tests(ctx: Context, part: Part):
     part.check("no test failed", rc == 0 and not failed and cases,
                "\n".join(f"{c['id']}: {c['message'][:300]}" for c in failed) or f"exit {rc}\n{tail(log)}")
     part.figures["xfailed"] = [f"{c['id']}: {c['message'][:200]}" for c in cases if c["outcome"] == "xfailed"]
-    unskipped_reason = "no CUDA device"
-    skipped_for_gpu = [c["id"] for c in cases if c["outcome"] == "skipped" and unskipped_reason in c["message"]]
+    skipped_for_gpu = [c["id"] for c in cases if c["outcome"] == "skipped" and NO_GPU_REASON in c["message"]]
     if ctx.cuda:
         part.check("no test skipped for want of a GPU", not skipped_for_gpu, ", ".join(skipped_for_gpu))
 
