@@ -122,14 +122,15 @@ def profile(task, engine, batch, dtype, device, steps) -> dict:
     from torch.profiler import ProfilerActivity, profile as torch_profile, schedule
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch_profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=steps)) as prof:
-        for _ in range(steps + 1):
-            train_step(task, engine, batch, dtype)
-            synchronize(device)
-            prof.step()
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "trace.json"
-        prof.export_chrome_trace(str(path))
+        # With a schedule the trace exists only inside on_trace_ready, at the end of the active steps.
+        with torch_profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=steps),
+                           on_trace_ready=lambda prof: prof.export_chrome_trace(str(path))) as prof:
+            for _ in range(steps + 1):
+                train_step(task, engine, batch, dtype)
+                synchronize(device)
+                prof.step()
         trace = json.loads(path.read_text())
     return summarize_trace(trace, device.type, steps)
 
