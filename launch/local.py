@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from launch import failures, rendezvous
+from launch.base import Launcher
 from launch.schedule import Plan, StagePlan, read_result, write_summary
 from launch.worker import DEFAULT_ENGINE, EXIT_PREEMPTED
 
@@ -147,3 +148,27 @@ def run_plan(plan: Plan, nproc: int, engine: str = DEFAULT_ENGINE, log=print) ->
         log(f"[{stage.name}] completed in {time.monotonic() - t0:.0f} s: {summary['stages'][stage.name]['metrics']}")
     log(f"all stages completed; summary in {Path(plan.run_dir) / 'summary.json'}")
     return 0
+
+
+class LocalLauncher(Launcher):
+    name = "local"
+    description = "the stages in sequence on this machine, --nproc rank processes each (gloo on CPU, nccl on GPUs)"
+
+    def __init__(self, args, log):
+        super().__init__(args, log)
+        self.nproc = args.nproc
+
+    @classmethod
+    def add_arguments(cls, group):
+        group.add_argument("--nproc", type=int, default=1, help="rank processes per stage (default 1)")
+
+    def check(self, plan):
+        if self.nproc < 1:
+            raise ValueError(f"--nproc must be >= 1, got {self.nproc}")
+
+    def dry_run(self, plan):
+        return "\n".join(f"# {stage.name}: {self.nproc} x " + " ".join(rank_command(stage, self.engine))
+                         for stage in plan.stages)
+
+    def run(self, plan):
+        return run_plan(plan, self.nproc, self.engine, self.log)

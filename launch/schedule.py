@@ -219,7 +219,8 @@ def read_result(stage: StagePlan) -> dict[str, Any] | None:
 
 
 def write_summary(plan: Plan) -> dict[str, Any]:
-    """RUN_DIR/summary.json: each finished stage's metrics, plus the demo's headline metrics at the top level."""
+    """RUN_DIR/summary.json: each finished stage's metrics, and at the top level the headline figures each stage's task
+    chose (its result's "headline"; a later stage's win)."""
     stages: dict[str, Any] = {}
     summary: dict[str, Any] = {"schedule": plan.source, "run_dir": plan.run_dir, "stages": stages}
     for stage in plan.stages:
@@ -231,12 +232,7 @@ def write_summary(plan: Plan) -> dict[str, Any]:
             "status": "completed" if result is not None else "not finished",
             "metrics": result,
         }
-        if result is None:
-            continue
-        if "zero_shot_top1" in result and "zero_shot_top1" not in summary:
-            summary["zero_shot_top1"] = result["zero_shot_top1"]  # the first (image-text pretraining) stage
-        if "top1" in result:
-            summary["finetune_top1"] = result["top1"]  # the last fine-tuning stage wins
+        summary.update((result or {}).get("headline", {}))
     summary["complete"] = all(s["status"] == "completed" for s in stages.values())
     Path(plan.run_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_json(Path(plan.run_dir) / "summary.json", summary)

@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 from launch.schedule import Plan, StagePlan, read_result, write_summary
 from launch import failures
+from launch.base import Launcher
 from launch.worker import DEFAULT_ENGINE, EXIT_FAILED, end_with_error, load_engine, run_rank
 
 FINISHED_OK = {"COMPLETED"}
@@ -357,9 +358,73 @@ def wait(plan: Plan, submitted: list[Submitted], log=print, poll_s: float = 2.0,
         if all(s.done for s in submitted):
             summary = write_summary(plan)
             log(f"all stages completed; summary in {Path(plan.run_dir) / 'summary.json'}: "
-                + json.dumps({k: v for k, v in summary.items() if k in ("zero_shot_top1", "finetune_top1")}))
+                + json.dumps({k: v for k, v in summary.items() if k not in ("schedule", "run_dir", "stages", "complete")}))
             return 0
         if timeout_s is not None and time.monotonic() - t0 > timeout_s:
             log(f"ERROR: gave up waiting after {timeout_s:.0f} s; jobs {[s.job_id for s in submitted]} left queued")
             return 2
         time.sleep(poll_s)
+
+
+class SlurmLauncher(Launcher):
+    name = "slurm"
+    description = "one submitit job per stage, chained with afterok (options override a stage's `slurm:` block)"
+
+    def __init__(self, args, log):
+        super().__init__(args, log)
+        self.options = SlurmOptions(
+            nodes=args.nodes, tasks_per_node=args.tasks_per_node, gpus_per_node=args.gpus_per_node,
+            cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, time_min=args.time_min, partition=args.partition,
+            account=args.account, qos=args.qos, constraint=args.constraint, signal_delay_s=args.signal_delay_s,
+            folder=args.submitit_dir)
+        self.no_wait, self.wait_timeout = args.no_wait, args.wait_timeout
+
+    @classmethod
+    def add_arguments(cls, group):
+        group.add_argument("--nodes", type=int)
+        group.add_argument("--tasks-per-node", type=int, help="ranks per node: one per GPU (or per CPU rank)")
+        group.add_argument("--gpus-per-node", type=int)
+        group.add_argument("--cpus-per-task", type=int)
+        group.add_argument("--mem-gb", type=float)
+        group.add_argument("--time", type=int, dest="time_min", metavar="MIN", help="time limit per job, minutes")
+        group.add_argument("--partition")
+        group.add_argument("--account")
+        group.add_argument("--qos")
+        group.add_argument("--constraint")
+        group.add_argument("--signal-delay-s", type=int,
+                           help="seconds before the time limit at which ranks save and the job requeues (default 90)")
+        group.add_argument("--submitit-dir", help="submitit's folder (default RUN_DIR/submitit/<timestamp>/%%j)")
+        group.add_argument("--no-wait", action="store_true", help="print the job ids and return once queued")
+        group.add_argument("--wait-timeout", type=float, help="give up waiting after this many seconds")
+
+    def check(self, plan):
+        _folder(plan, self.options)
+        for stage in plan.stages:
+            try:
+                self.options.for_stage(stage)
+            except ValueError as error:
+                raise ValueError(f"stage {stage.name!r}: {error}") from None
+
+    def dry_run(self, plan):
+        scripts, prev = [], None
+        for stage in plan.stages:
+            dependency = f"afterok:<job id of {prev}>" if prev else None
+            scripts.append(f"# ---- sbatch script for stage {stage.name}\n"
+                           + sbatch_script(plan, stage, self.options, dependency).rstrip())
+            prev = stage.name
+        return "\n".join(scripts)
+
+    def run(self, plan):
+        submitted = submit(plan, self.options, self.engine, log=self.log)
+        if not submitted:
+            self.log("nothing to submit: every stage has completed")
+            return 0
+        if self.no_wait:
+            print(" ".join(s.job_id for s in submitted), flush=True)
+            return 0
+        try:
+            return wait(plan, submitted, log=self.log, timeout_s=self.wait_timeout)
+        except KeyboardInterrupt:
+            self.log(f"stopped waiting; the jobs stay queued: {' '.join(s.job_id for s in submitted)} "
+                     "(scancel them to stop)")
+            return 130

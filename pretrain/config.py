@@ -6,11 +6,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import torch
 import yaml
 
 from pretrain.data.config import DataConfig
 from pretrain.fileio import atomic_write_text
 from pretrain.typed_config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # precision -> torch dtype
+
+
+def task_class(name: str):
+    from pretrain.engine.tasks import task_class as lookup
+
+    try:
+        return lookup(name)
+    except ValueError as error:
+        raise ConfigError(f"task: {error}") from None
 
 
 def _positive(section: str, **values) -> None:
@@ -27,11 +40,39 @@ def _non_negative(section: str, **values) -> None:
 
 
 @dataclass
+class ModelArgs:
+    """The release's InternImage constructor arguments, by its names (a typo is an error, not a silent default). Each
+    left unset (None) keeps the value of the model `model.name` names; tests/test_config_checks.py keeps this list
+    equal to InternImage.__init__'s. num_classes comes from the task, with_cp from activation_checkpointing."""
+
+    channels: int | None = None
+    depths: list[int] | None = None
+    groups: list[int] | None = None
+    mlp_ratio: float | None = None
+    drop_path_rate: float | None = None
+    layer_scale: float | None = None
+    offset_scale: float | None = None
+    post_norm: bool | None = None
+    res_post_norm: bool | None = None
+    dw_kernel_size: int | None = None
+    level2_post_norm: bool | None = None
+    level2_post_norm_block_ids: list[int] | None = None
+    center_feature_scale: bool | None = None
+    use_clip_projector: bool | None = None
+    remove_center: bool | None = None
+    in_chans: int | None = None
+    global_pool: str | None = None
+
+    def given(self) -> dict:
+        return {k: v for k, v in to_dict(self).items() if v is not None}
+
+
+@dataclass
 class ModelConfig:
     name: str = "internimage_t"
     """A registered model: internimage_t|s|b|l|xl|h|g."""
-    args: dict = field(default_factory=dict)
-    """Overrides of the release's hyper-parameters, by the release's argument names (channels, depths, groups, ...)."""
+    args: ModelArgs = field(default_factory=ModelArgs)
+    """Overrides of the release's hyper-parameters (channels, depths, groups, ...)."""
     pretrained: str | None = None
     """A consolidated backbone (.safetensors or .pth with the release's key names) to start from."""
     activation_checkpointing: bool = False
@@ -42,6 +83,10 @@ class ModelConfig:
 
         if self.name not in list_models():
             raise ConfigError(f"model.name: unknown model {self.name!r}; choose from {list_models()}")
+
+    def arguments(self) -> dict:
+        """create_model's keyword arguments: the ones the config sets."""
+        return self.args.given()
 
 
 @dataclass
@@ -110,9 +155,13 @@ class CheckpointConfig:
     """Save every this many optimizer steps (and at the end, and on SIGTERM/SIGUSR1)."""
     keep: int = 3
     """Keep the newest this many checkpoints."""
+    stop_check_every: int = 10
+    """Steps between the ranks' joint checks for a stop request (SIGTERM, SIGUSR1, SLURM's USR2): a stop saves
+    within this many steps. Each check is a collective that waits for the device, so not every step; SLURM's signal
+    comes signal_delay_s (90 s) before the time limit, which must hold this many steps and the save."""
 
     def __post_init__(self):
-        _positive("checkpoint.", every=self.every, keep=self.keep)
+        _positive("checkpoint.", every=self.every, keep=self.keep, stop_check_every=self.stop_check_every)
 
 
 @dataclass
@@ -141,7 +190,9 @@ class EvalConfig:
 
 @dataclass
 class StageConfig:
-    task: Literal["image-text", "classification"] = "image-text"
+    task: str = "image-text"
+    """The objective, a name in pretrain.engine.tasks.TASKS: "image-text" (contrastive pretraining) or
+    "classification" (fine-tuning)."""
     run_dir: str = "runs/default"
     seed: int = 0
     max_steps: int | None = None
@@ -176,8 +227,10 @@ class StageConfig:
         _positive("", max_steps=self.max_steps, batch_size=self.batch_size, num_classes=self.num_classes)
         if not self.run_dir:
             raise ConfigError("run_dir must not be empty")
-        if self.data.task != self.task:
-            raise ConfigError(f"data.task ({self.data.task!r}) must equal task ({self.task!r})")
+        samples = task_class(self.task).train_samples
+        if self.data.task != samples:
+            raise ConfigError(f"data.task ({self.data.task!r}) must be {samples!r}, the samples task {self.task!r} "
+                              "trains on")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.eval.ema and self.ema_decay is None:
@@ -213,7 +266,8 @@ class StageConfig:
 def load_stage_config(path: str | Path, overrides: list[str] = ()) -> StageConfig:
     """Read a stage YAML, apply `key.path=value` overrides, and validate the result."""
     data = apply_overrides(load_yaml(path), list(overrides))
-    data.setdefault("data", {}).setdefault("task", data.get("task", "image-text"))  # the stage's task, said once
+    samples = task_class(data.get("task", StageConfig.task)).train_samples
+    data.setdefault("data", {}).setdefault("task", samples)  # said once, by the stage's task
     return from_dict(StageConfig, data)
 
 

@@ -1,12 +1,13 @@
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from launch.rendezvous import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -15,12 +16,6 @@ CONFIG = str(REPO / "configs/demo/pretrain.yaml")
 # The demo's pretraining stage, shortened: what the engine tests run on 2 CPU ranks.
 FAST = ["batch_size=16", "logging.every=1", "logging.progress_bar=false", "optim.warmup_steps=2",
         "data.demo_root=" + str(REPO / "data/demo")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -122,3 +122,21 @@ def test_slurm_constraint_syntax_passes(tmp_path, capsys):
                     "--partition", "gpu,debug", "--engine", "test_launch_fake_engine"])
     assert code == 0
     assert "#SBATCH --constraint='[a100&ib|h100]'" in capsys.readouterr().out
+
+
+def test_model_args_mirror_the_release_constructor():
+    import dataclasses
+    import inspect
+
+    from pretrain.config import ModelArgs
+    from pretrain.models.internimage import InternImage
+
+    constructor = set(inspect.signature(InternImage.__init__).parameters)
+    assert {f.name for f in dataclasses.fields(ModelArgs)} == constructor - {"self", "num_classes", "with_cp", "device",
+                                                                            "dtype"}
+
+
+def test_a_typo_in_model_args_is_an_error_not_a_default():
+    with pytest.raises(ConfigError, match=re.escape("model.args: unknown key(s) ['chanels']")):
+        load_stage_config(CONFIG, ["model.args.chanels=32"])
+    assert load_stage_config(CONFIG, ["model.args.channels=32"]).model.arguments()["channels"] == 32

@@ -2,14 +2,13 @@
 inside deepspeed.zero.Init on the device. Skipped without a GPU."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO, SCRIPTS
+from conftest import REPO, SCRIPTS, free_port
 from pretrain.models.internimage import InternImageLayer
 from test_dcnv3_cpu import relative_error
 
@@ -40,12 +39,6 @@ def test_compiled_layer_matches_eager():
         results.append((out, *grads))
     for name, eager, fused in zip(("output", "input", "offset weight", "fc1 weight"), *results):
         assert relative_error(fused, eager) < 1e-4, name
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @needs_gpu

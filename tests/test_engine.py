@@ -88,7 +88,7 @@ def test_consolidation_equals_zero_to_fp32(reference_run, tmp_path):
     assert all(torch.equal(pth[k], backbone[k]) for k in backbone)
     # The release's key names: a fresh model loads it, missing only its classifier.
     cfg = load_stage_config(CONFIG)
-    model = create_model(cfg.model.name, **cfg.model.args, num_classes=10)
+    model = create_model(cfg.model.name, **cfg.model.arguments(), num_classes=10)
     result = load_official_checkpoint(model, {k: v.float() for k, v in backbone.items()}, strict=False)
     assert sorted(result.missing_keys) == ["head.bias", "head.weight"] and not result.unexpected_keys
 
@@ -153,7 +153,7 @@ def test_finetune_from_export_with_mixup_and_partitioned_ema(reference_run, tmp_
     cfg = load_stage_config(REPO / "configs/demo/finetune.yaml")
     from pretrain.models import create_model
 
-    total = sum(p.numel() for p in create_model(cfg.model.name, **cfg.model.args, num_classes=10).parameters())
+    total = sum(p.numel() for p in create_model(cfg.model.name, **cfg.model.arguments(), num_classes=10).parameters())
     assert per_rank[0] == per_rank[1] and total <= sum(per_rank) < total + 2 * len(shadows[0])
 
 
@@ -201,3 +201,12 @@ def test_bad_and_hostile_samples_are_skipped_and_reported_without_stopping_the_r
     assert {"skipped/bad_image", "skipped/missing_caption", "skipped/oversized_image", "skipped/oversized_member",
             "truncated_caption"} <= {k for k, v in totals.items() if v > 0}, totals
     assert sum(r["skipped"] for r in logged) == sum(v for k, v in totals.items() if k.startswith("skipped/"))
+
+
+def test_the_loop_waits_for_the_device_only_on_log_checkpoint_and_stop_steps(torchrun, tmp_path):
+    proc = torchrun("count_syncs.py", CONFIG, f"run_dir={tmp_path}", "batch_size=16", "logging.progress_bar=false",
+                    "data.demo_root=" + str(REPO / "data/demo"), "max_steps=8", "logging.every=4",
+                    "checkpoint.every=100", "checkpoint.stop_check_every=4")
+    seen = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("SYNCS "))[6:])
+    assert seen["inside"] == []  # no .item(), .cpu() or collective of ours inside a training step
+    assert seen["outside"] and {step for step, _, _ in seen["outside"]} <= {0, 4, 8}, seen["outside"]

@@ -87,9 +87,9 @@ def run_stage(config_path: str, overrides: list[str]) -> dict:
             return {"status": "preempted", "metrics": {"step": step}}
     pretrained = cfg.get("model.pretrained")
     if "finetune" in Path(config_path).stem:
-        metrics_out = {"top1": 0.5, "top5": 0.9}
+        metrics_out = {"top1": 0.5, "top5": 0.9, "headline": {"finetune_top1": 0.5}}
     else:
-        metrics_out = {"zero_shot_top1": 0.25}
+        metrics_out = {"zero_shot_top1": 0.25, "headline": {"zero_shot_top1": 0.25}}
     metrics_out["pretrained_backbone"] = Path(pretrained).read_text() if pretrained else None
     metrics_out["world_size"] = world
     if rank == 0:

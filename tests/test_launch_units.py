@@ -76,10 +76,12 @@ def test_export_and_summary(tmp_path):
     (Path(pre.run_dir) / "checkpoints" / "latest").write_text("6")
     export = ensure_export(fine, fake.consolidate)
     assert (export / "backbone.safetensors").read_text().endswith("at step 6 (fp16)")
-    Path(pre.run_dir, "result.json").write_text(json.dumps({"zero_shot_top1": 0.3}))
+    Path(pre.run_dir, "result.json").write_text(json.dumps({"zero_shot_top1": 0.3,
+                                                            "headline": {"zero_shot_top1": 0.3}}))
     assert write_summary(plan)["complete"] is False
     Path(fine.run_dir).mkdir(parents=True)
-    Path(fine.run_dir, "result.json").write_text(json.dumps({"top1": 0.7, "top5": 0.9}))
+    Path(fine.run_dir, "result.json").write_text(json.dumps({"top1": 0.7, "top5": 0.9,
+                                                             "headline": {"finetune_top1": 0.7}}))
     summary = json.loads((Path(plan.run_dir) / "summary.json").read_text()) if write_summary(plan) else None
     assert summary["complete"] and summary["zero_shot_top1"] == 0.3 and summary["finetune_top1"] == 0.7
     assert summary["stages"]["finetune"]["pretrained"] == str(export / "backbone.safetensors")

@@ -535,7 +535,7 @@ def headline_figures(name: str, figures: dict) -> list[str]:
         return [loop_line(loop, f) for loop, f in figures.items()]
     if name == "dcnv3" and "table" in figures:
         return figures["table"].strip().splitlines()[-40:]
-    return [f"{k}: {v}" for k, v in figures.items() if isinstance(v, (int, float, str, list)) and len(str(v)) < 200]
+    return [f"{k}: {v}" for k, v in figures.items() if v is not None and len(str(v)) < 200]
 
 
 def loop_line(loop: str, f: dict) -> str:

@@ -25,12 +25,13 @@ import json
 import multiprocessing
 import os
 import platform
-import socket
 import statistics
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from launch.rendezvous import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,12 +46,6 @@ def parse_args() -> argparse.Namespace:
                         help="fork: how workers were started before (the rank forks itself); both: alternate")
     parser.add_argument("--churn", type=int, default=0, help="threads starting native threads that enter Python")
     return parser.parse_args()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rank_threads(run_dir: str):

@@ -1,22 +1,18 @@
-"""The `data:` section of a stage config: a plain dataclass tree, built from the YAML dict with `DataConfig(**section)`."""
-from dataclasses import dataclass, field, fields
+"""The `data:` section of a stage config: a plain dataclass tree. The stage config builds it through
+pretrain.typed_config (the one validator); built directly, `DataConfig(train=[{...}], augment={...})`, its sections go
+through the same validator."""
+from dataclasses import dataclass, field
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-TASKS = ("image-text", "classification")
+from pretrain.typed_config import from_dict
+
+SAMPLE_FORMATS = ("image-text", "classification")
+"""The shard layouts decode.py reads; a task names the one its shards hold."""
 
 
-def _coerce(cls, value, where: str):
-    """A nested section given as a dict becomes its dataclass; unknown keys are an error that names them."""
-    if isinstance(value, cls):
-        return value
-    if not isinstance(value, dict):
-        raise TypeError(f"{where}: expected a mapping, got {type(value).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
-    return cls(**value)
+def _section(cls, value, where: str):
+    return value if isinstance(value, cls) else from_dict(cls, value, where)
 
 
 @dataclass
@@ -133,11 +129,11 @@ class DataConfig:
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self):
-        self.train = [_coerce(Source, s, "data.train[]") for s in self.train]
-        self.augment = _coerce(Augment, self.augment, "data.augment")
-        self.limits = _coerce(Limits, self.limits, "data.limits")
-        if self.task not in TASKS:
-            raise ValueError(f"data.task must be one of {TASKS}, got {self.task!r}")
+        self.train = [_section(Source, s, f"data.train[{i}]") for i, s in enumerate(self.train)]
+        self.augment = _section(Augment, self.augment, "data.augment")
+        self.limits = _section(Limits, self.limits, "data.limits")
+        if self.task not in SAMPLE_FORMATS:
+            raise ValueError(f"data.task must be one of {SAMPLE_FORMATS}, got {self.task!r}")
         if not self.train and self.demo_root is None:
             raise ValueError("data.train needs at least one source (or set data.demo_root)")
         if self.samples_per_epoch is not None and self.samples_per_epoch <= 0:
@@ -151,4 +147,4 @@ class DataConfig:
 
 def data_config_from_dict(section: dict) -> DataConfig:
     """Build the config from the YAML `data:` mapping, naming any unknown key."""
-    return _coerce(DataConfig, section, "data")
+    return from_dict(DataConfig, section, "data")

@@ -8,8 +8,9 @@ checkpoint in place and named by `latest`; a checkpoint that `latest` names is n
    so every rank still reaches step 2 and nobody waits in a collective that will never come.
 2. The ranks agree: each reports success and the files it wrote (name, size) to all others. If any rank failed, the
    staging folder is removed and every rank raises `CheckpointNotSaved` naming the ranks and their errors.
-3. Rank 0 writes `manifest.json` (step, world size, every file and its size) into the staging folder, renames the
-   folder to `step00000800/`, then points `latest` at it (temp file, fsync, rename, fsync of the folder).
+3. Rank 0 writes `manifest.json` (step, world size, the task's backbone prefix, every file and its size) into the
+   staging folder, renames the folder to `step00000800/`, then points `latest` at it (temp file, fsync, rename, fsync
+   of the folder).
 On resume the newest folder whose manifest matches the files on disk is used; any other (a save cut off before its
 manifest, a file truncated later) is reported, with the reason, and ignored.
 
@@ -117,8 +118,9 @@ class RecordingWriter:
 
 
 class CheckpointManager:
-    def __init__(self, directory: Path, keep: int, rank: int, world_size: int):
+    def __init__(self, directory: Path, keep: int, rank: int, world_size: int, backbone_prefix: str):
         self.directory, self.keep, self.rank, self.world_size = Path(directory), keep, rank, world_size
+        self.backbone_prefix = backbone_prefix  # recorded in the manifest, for the export
         self.writer: RecordingWriter | None = None
         self.saved_step: int | None = None  # the step of the checkpoint this run last saved or resumed from
 
@@ -207,7 +209,8 @@ class CheckpointManager:
                 + f". Nothing of it was kept; the last complete checkpoint is {kept or 'none'}.")
         if self.rank == 0:
             files = {name: size for _, written in outcomes for name, size in written.items()}
-            self._commit(staging, tag, {"step": step, "world_size": self.world_size, "files": files})
+            self._commit(staging, tag, {"step": step, "world_size": self.world_size,
+                                        "backbone_prefix": self.backbone_prefix, "files": files})
         self.saved_step = step
         return True
 

@@ -5,12 +5,12 @@ from pathlib import Path
 
 import torch
 
-from pretrain.engine.checkpoint import newest_complete
+from pretrain.config import DTYPES
+from pretrain.engine.checkpoint import newest_complete, read_manifest
 from pretrain.engine.safe_loading import weights_only_loads
 from pretrain.engine.weights import backbone_from_full
 from pretrain.fileio import atomic_write, atomic_write_json, replacing
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def consolidate(checkpoint_dir, out_dir, dtype: str = "fp16", tag: str | None = None, full_model: bool = False) -> dict:
@@ -25,7 +25,7 @@ def consolidate(checkpoint_dir, out_dir, dtype: str = "fp16", tag: str | None = 
         raise FileNotFoundError(f"no complete checkpoint in {checkpoint_dir}")
     with weights_only_loads(checkpoint_dir / tag):
         full = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
-    prefix = "visual." if any(k.startswith("visual.") for k in full) else ""
+    prefix = read_manifest(checkpoint_dir / tag)["backbone_prefix"]  # the task's: where its backbone sits
     cast = {k: v.to(DTYPES[dtype], copy=True) for k, v in full.items()}  # copies: safetensors refuses views
     backbone = backbone_from_full(cast, prefix)
 

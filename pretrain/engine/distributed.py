@@ -51,15 +51,16 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def sum_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Per-key sums over ranks; every rank must pass the same keys."""
+def sum_over_ranks(values: dict[str, float | torch.Tensor], device: torch.device) -> dict[str, float]:
+    """Per-key sums over ranks (numbers, or one-element tensors left on the device); every rank must pass the same
+    keys. One collective, and one wait for the device, whatever the number of keys."""
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], device=device, dtype=torch.float64)
+    t = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=device).reshape(()) for k in keys])
     dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
 
 
-def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+def mean_over_ranks(values: dict[str, float | torch.Tensor], device: torch.device) -> dict[str, float]:
     return {k: v / dist.get_world_size() for k, v in sum_over_ranks(values, device).items()}
 
 

@@ -98,13 +98,10 @@ def estimate(cfg: StageConfig, devices: int) -> MemoryEstimate:
     with torch.device("meta"):
         # Hooks model the checkpointing below; a really checkpointed forward would hide what each layer saves.
         plain = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, activation_checkpointing=False))
-        model = build_task(plain, world).build()
+        task = build_task(plain, world)
+        model = task.build()
         model.train()
-        size = cfg.data.image_size
-        inputs = [torch.zeros(cfg.batch_size, 3, size, size)]
-        if cfg.task == "image-text":
-            inputs.append(torch.zeros(cfg.batch_size, cfg.data.context_length, dtype=torch.long))
-        full, checkpointed = activation_bytes(model, tuple(inputs), InternImageLayer)
+        full, checkpointed = activation_bytes(model, task.example_inputs(cfg.batch_size), InternImageLayer)
     scale = 0.5 if cfg.precision in ("bf16", "fp16") else 1.0  # measured in fp32 on the meta device
     n_params = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters()) for m in model.modules() if isinstance(m, InternImageLayer))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.config import StageConfig, load_stage_config, save_resolved
+from pretrain.config import DTYPES, StageConfig, load_stage_config, save_resolved
 from pretrain.data.stats import NOT_SKIPS, skipped_total
 from pretrain.engine import preemption
 from pretrain.engine.checkpoint import CheckpointManager
@@ -21,9 +21,6 @@ from pretrain.engine.optim import deepspeed_config, param_groups, peak_lr, sched
 from pretrain.engine.tasks import build_task
 from pretrain.engine.weights import load_backbone
 from pretrain.fileio import atomic_write_json
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
 
 def run_stage(config_path: str, overrides: list[str] = ()) -> dict:
     """Run (or resume) one stage in this process, one rank of the job described by the env:// variables."""
@@ -72,7 +69,8 @@ class Trainer:
         preemption.install_handlers()
         self.task = build_task(cfg, world)
         self.dtype = DTYPES[cfg.precision]
-        self.checkpoints = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep, world.rank, world.size)
+        self.checkpoints = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep, world.rank, world.size,
+                                             self.task.backbone_prefix)
 
         self.ignored_checkpoints = []
         tag = self.checkpoints.resume_tag(report=self._report_ignored)
@@ -83,7 +81,7 @@ class Trainer:
         seed_everything(cfg.seed)  # identical initial weights on every rank
         model = build_model(self.task, cfg, self.dtype)
         if cfg.model.pretrained and tag is None:
-            load_backbone(model.visual if cfg.task == "image-text" else model, cfg.model.pretrained)
+            load_backbone(self.task.backbone(model), cfg.model.pretrained)
 
         base_lr = peak_lr(cfg, world.size)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
@@ -94,6 +92,11 @@ class Trainer:
         self.loader = build_train_loader(cfg.data, rank=world.rank, world_size=world.size,
                                          batch_size=cfg.batch_size, seed=cfg.seed)
         self.ema = PartitionedEMA(self.engine.module, cfg.ema_decay) if cfg.ema_decay else None
+        # Everything a rank checkpoints beside DeepSpeed's own state, each with state_dict/load_state_dict. A new
+        # stateful part is one line here.
+        self.stateful = {"loader": self.loader, "task": self.task}
+        if self.ema is not None:
+            self.stateful["ema"] = self.ema
         self.step, self.resumed_from = 0, tag
         if tag is not None:
             self._restore(tag)
@@ -104,20 +107,17 @@ class Trainer:
         print(f"[rank 0] {message}", file=sys.stderr, flush=True)
         self.ignored_checkpoints.append(message)
 
-    def _depths(self):
-        from pretrain.models import MODEL_CONFIGS
-
-        return self.cfg.model.args.get("depths", MODEL_CONFIGS[self.cfg.model.name]["depths"])
-
     def _restore(self, tag: str):
         self.step, rank_state = self.checkpoints.load(self.engine, tag)
         if rank_state is None:  # another world size: data streams and EMA shards do not map onto the new ranks,
             seed_everything(self.cfg.seed * 1000 + self.world.rank + 1 + self.step)  # so both start afresh
             return
-        self.loader.load_state_dict(rank_state["loader"])
-        self.task.load_state_dict(rank_state["task"])
-        if self.ema is not None and "ema" in rank_state:
-            self.ema.load_state_dict(rank_state["ema"])
+        missing = sorted(set(self.stateful) - set(rank_state))
+        if missing:
+            raise RuntimeError(f"checkpoint {tag} holds no state for {missing} (saved by a run configured otherwise, "
+                               "e.g. without ema_decay); resume with the settings it was saved with")
+        for name, part in self.stateful.items():
+            part.load_state_dict(rank_state[name])
 
     # -- the loop
 
@@ -135,7 +135,8 @@ class Trainer:
         batches, window = iter(self.loader), _Window()
         try:
             while self.step < cfg.max_steps:
-                if any_rank(preemption.stop_requested(), self.world.device):
+                if self.step % cfg.checkpoint.stop_check_every == 0 and \
+                        any_rank(preemption.stop_requested(), self.world.device):
                     self._save()
                     metrics.event("preempted", step=self.step)
                     return {"status": "preempted", "metrics": {"step": self.step}}
@@ -151,6 +152,7 @@ class Trainer:
                     metrics.log(self.step, self.evaluate())
             result = {"step": self.step, **self.evaluate()}
             metrics.log(self.step, result)
+            result["headline"] = {shown: result[key] for key, shown in self.task.summary.items() if key in result}
             if self.world.is_main:
                 atomic_write_json(self.run_dir / "result.json", result)
             return {"status": "completed", "metrics": result}
@@ -167,10 +169,10 @@ class Trainer:
             loss, extra = self.task.loss(self.engine, self._to_device(batch), self.dtype)
             self.engine.backward(loss)
             self.engine.step()
-            losses.append(loss.item())
+            losses.append(loss.detach())  # a tensor: reading it would wait for the device, and is left to log steps
         if self.ema is not None:
             self.ema.update()
-        return {"loss": sum(losses) / len(losses), "skipped": skipped, "samples": len(losses) * self.cfg.batch_size,
+        return {"loss": torch.stack(losses).mean(), "skipped": skipped, "samples": len(losses) * self.cfg.batch_size,
                 **extra}
 
     def _to_device(self, batch: dict) -> dict:
@@ -192,29 +194,19 @@ class Trainer:
         return report
 
     def _flops_per_sample(self) -> float:
-        size = self.cfg.data.image_size
-        image = torch.zeros(1, 3, size, size)
-        if self.cfg.task == "image-text":
-            inputs = (image, torch.zeros(1, self.cfg.data.context_length, dtype=torch.long))
-        else:
-            inputs = (image,)
-        return train_flops_per_sample(self.task.build, inputs)
+        return train_flops_per_sample(self.task.build, self.task.example_inputs(1))
 
     # -- checkpoints and evaluation
 
     def _save(self):
-        rank_state = {"loader": self.loader.state_dict(), "task": self.task.state_dict()}
-        if self.ema is not None:
-            rank_state["ema"] = self.ema.state_dict()
-        self.checkpoints.save(self.engine, self.step, rank_state)
+        self.checkpoints.save(self.engine, self.step, {name: part.state_dict() for name, part in self.stateful.items()})
 
     def evaluate(self) -> dict:
         from pretrain.data import build_eval_loader
 
         if self.cfg.data.val is None and self.cfg.data.demo_root is None:
             return {}
-        # Zero-shot evaluation of an image-text stage reads labelled shards.
-        data = dataclasses.replace(self.cfg.data, task="classification")
+        data = dataclasses.replace(self.cfg.data, task=self.task.eval_samples)
         loader = build_eval_loader(data, rank=self.world.rank, world_size=self.world.size,
                                    batch_size=self.cfg.batch_size)
         self.engine.eval()

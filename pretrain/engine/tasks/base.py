@@ -1,0 +1,81 @@
+"""What a training objective is to the rest of the system: the `Task` interface, and the pieces objectives share."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn as nn
+
+from pretrain.engine.distributed import World, any_rank
+from pretrain.models import create_model
+
+if TYPE_CHECKING:
+    from pretrain.config import StageConfig
+
+
+class Task:
+    """One objective, and the only code that knows it: the trainer, the memory estimate, the export and the schedule
+    summary ask it, never the objective's name. A new objective is a subclass in a file of its own, registered in
+    tasks/__init__.py."""
+
+    name: ClassVar[str]
+    train_samples: ClassVar[str]
+    """The sample format its training shards hold (data.task): "image-text" or "classification"."""
+    eval_samples: ClassVar[str] = "classification"
+    """The format of its evaluation shards."""
+    backbone_prefix: ClassVar[str] = ""
+    """Where the InternImage backbone sits in the model's state dict: what is exported and what a stage starts from."""
+    summary: ClassVar[dict[str, str]] = {}
+    """Result keys the schedule summary shows, by their name there; later stages' win."""
+
+    def __init__(self, cfg: StageConfig, world: World):
+        self.cfg, self.world = cfg, world
+
+    def build(self, zero_init=nullcontext()) -> nn.Module:
+        raise NotImplementedError
+
+    def backbone(self, model: nn.Module) -> nn.Module:
+        return model.get_submodule(self.backbone_prefix.rstrip("."))
+
+    def example_inputs(self, batch_size: int) -> tuple[torch.Tensor, ...]:
+        """Inputs of the model's forward, for the FLOP count and the memory estimate."""
+        size = self.cfg.data.image_size
+        return (torch.zeros(batch_size, 3, size, size),)
+
+    def loss(self, model: nn.Module, batch: dict, dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The batch's loss and any other figures to log, as tensors: the trainer reads them on log steps only."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, loader, dtype: torch.dtype) -> dict[str, float]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict):
+        pass
+
+
+def build_vision_tower(cfg: StageConfig, num_classes: int, zero_init):
+    """Built inside deepspeed.zero.Init for ZeRO-3, so no rank ever holds the whole tower."""
+    with zero_init:
+        return create_model(cfg.model.name, **cfg.model.arguments(), num_classes=num_classes,
+                            with_cp=cfg.model.activation_checkpointing)
+
+
+def lockstep(loader, world: World):
+    """Yield batches until every rank's loader is exhausted; a rank that runs out early repeats its last batch with
+    real=False. Under ZeRO-3 every forward is collective, so all ranks must run the same number of them."""
+    iterator, last = iter(loader), None
+    while True:
+        batch = next(iterator, None)
+        if not any_rank(batch is not None, world.device):
+            return
+        if batch is None:
+            if last is None:
+                raise RuntimeError(f"rank {world.rank} received no evaluation data; use fewer ranks or more shards")
+            yield {**last, "real": False}
+        else:
+            last = batch
+            yield {**batch, "real": True}
