@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable, ClassVar
 
-from launch.schedule import Plan
+from launch.schedule import Plan, StagePlan
 
 
 class Launcher:
@@ -19,6 +19,10 @@ class Launcher:
     @classmethod
     def add_arguments(cls, group) -> None:
         """Add this launcher's options to `pretrain run`'s parser (an argument group of its own)."""
+
+    def ranks(self, stage: StagePlan) -> int:
+        """How many rank processes the stage gets: what its global batch and peak lr follow from."""
+        raise NotImplementedError
 
     def check(self, plan: Plan) -> None:
         """Raise ValueError, naming the stage and the option, on anything this launcher could not run."""

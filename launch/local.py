@@ -162,6 +162,9 @@ class LocalLauncher(Launcher):
     def add_arguments(cls, group):
         group.add_argument("--nproc", type=int, default=1, help="rank processes per stage (default 1)")
 
+    def ranks(self, stage):
+        return self.nproc
+
     def check(self, plan):
         if self.nproc < 1:
             raise ValueError(f"--nproc must be >= 1, got {self.nproc}")

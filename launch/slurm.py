@@ -397,6 +397,10 @@ class SlurmLauncher(Launcher):
         group.add_argument("--no-wait", action="store_true", help="print the job ids and return once queued")
         group.add_argument("--wait-timeout", type=float, help="give up waiting after this many seconds")
 
+    def ranks(self, stage):
+        params = self.options.for_stage(stage)
+        return params["nodes"] * params["ntasks_per_node"]
+
     def check(self, plan):
         _folder(plan, self.options)
         for stage in plan.stages:

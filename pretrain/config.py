@@ -271,6 +271,14 @@ def load_stage_config(path: str | Path, overrides: list[str] = ()) -> StageConfi
     return from_dict(StageConfig, data)
 
 
+class MissingFile(ConfigError):
+    """A file the stage would read is not there; `config` is the stage config, valid otherwise (what --dry-run shows)."""
+
+    def __init__(self, message: str, config: StageConfig):
+        super().__init__(message)
+        self.config = config
+
+
 def check_config(path: str | Path, overrides: list[str] = (), pretrained_by_schedule: bool = False) -> StageConfig:
     """load_stage_config, plus the files the stage will read: the pretrained weights (unless an earlier stage of the
     schedule makes them) and every local shard. Run by `pretrain run` before any rank starts, so that a bad value or a
@@ -279,7 +287,7 @@ def check_config(path: str | Path, overrides: list[str] = (), pretrained_by_sche
 
     cfg = load_stage_config(path, overrides)
     if cfg.model.pretrained and not pretrained_by_schedule and not Path(cfg.model.pretrained).is_file():
-        raise ConfigError(f"model.pretrained: file not found: {cfg.model.pretrained}")
+        raise MissingFile(f"model.pretrained: file not found: {cfg.model.pretrained}", cfg)
     patterns = {f"data.train[{i}].shards": source.shards for i, source in enumerate(cfg.data.train)}
     if cfg.data.val:
         patterns["data.val"] = cfg.data.val
@@ -287,7 +295,7 @@ def check_config(path: str | Path, overrides: list[str] = (), pretrained_by_sche
         try:
             expand_shards(pattern)
         except (OSError, ValueError) as error:
-            raise ConfigError(f"{key}: {error}") from None
+            raise MissingFile(f"{key}: {error}", cfg) from None
     return cfg
 
 

@@ -140,3 +140,21 @@ def test_a_typo_in_model_args_is_an_error_not_a_default():
     with pytest.raises(ConfigError, match=re.escape("model.args: unknown key(s) ['chanels']")):
         load_stage_config(CONFIG, ["model.args.chanels=32"])
     assert load_stage_config(CONFIG, ["model.args.channels=32"]).model.arguments()["channels"] == 32
+
+
+def test_a_dry_run_shows_each_stage_s_batch_steps_and_lr_even_without_the_data(capsys):
+    assert run_cli(["configs/schedules/internimage_h.yaml", "--launcher", "slurm", "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert ("stage pretrain: 128 ranks x batch 256 x accumulation 1 = global batch 32,768; 390,930 steps "
+            "(12,809,994,240 samples); peak lr 0.0005 (optim.lr 0.0005 per 32768), warm-up 13,031 steps") in out
+    assert "stage in1k: 32 ranks x batch 16 x accumulation 1 = global batch 512; 50,040 steps" in out
+    assert err.count("(a real run stops here)") == 3 and "shard not found: /datasets/laion400m/00000.tar" in err
+
+
+def test_nodes_that_do_not_give_the_declared_global_batch_are_refused_before_anything_is_queued(capsys):
+    code = run_cli(["configs/schedules/internimage_h.yaml", "--launcher", "slurm", "--nodes", "2", "--dry-run"])
+    assert code == 2
+    out, err = capsys.readouterr()
+    assert not out and err.splitlines()[-1] == (
+        "pretrain run: stage 'pretrain' on 16 ranks: global_batch is 32768, but batch_size 256 x 16 ranks x "
+        "optim.grad_accumulation 1 = 4096; change the number of nodes, batch_size or optim.grad_accumulation")

@@ -36,12 +36,15 @@ def _parse_known_args(self, args=None, namespace=None):
     return namespace, [a for a in extras if a not in late]
 
 
-def _check(plan, engine_name: str) -> dict:
-    """Every stage's resolved config, validated in this process: the engine's check_config (values, unknown keys, the
-    files they name) where the engine has one."""
+def _check(plan, engine_name: str, dry_run: bool) -> dict:
+    """Every stage's config, validated in this process: the engine's check_config (values, unknown keys, the files
+    they name) where the engine has one, else the raw YAML with its overrides. A dry run shows the plan even where files
+    are missing (a login node may not see the data), naming each on stderr."""
     import importlib
+    import sys
 
     from launch.schedule import resolved_config
+    from pretrain.config import MissingFile
 
     check = getattr(importlib.import_module(engine_name), "check_config", None)
     configs = {}
@@ -50,10 +53,32 @@ def _check(plan, engine_name: str) -> dict:
             if check is None:
                 configs[stage.name] = resolved_config(stage, validate=False)
             else:
-                configs[stage.name] = check(stage.config, stage.overrides, stage.pretrained_from is not None).to_dict()
+                configs[stage.name] = check(stage.config, stage.overrides, stage.pretrained_from is not None)
+        except MissingFile as error:
+            if not dry_run:
+                raise ValueError(f"stage {stage.name!r} ({stage.config}): {error}") from None
+            print(f"pretrain run: warning: stage {stage.name!r}: {error} (a real run stops here)", file=sys.stderr)
+            configs[stage.name] = error.config
         except (OSError, ValueError) as error:
             raise ValueError(f"stage {stage.name!r} ({stage.config}): {error}") from None
     return configs
+
+
+def _batch_and_schedule(stage, cfg, ranks: int) -> str:
+    """What a practitioner checks before queueing a stage; a global batch the ranks do not give stops it here, not
+    after a wait in the queue."""
+    from pretrain.engine.optim import peak_lr
+
+    try:
+        lr = peak_lr(cfg, ranks)
+    except ValueError as error:
+        raise ValueError(f"stage {stage.name!r} on {ranks} ranks: {error}") from None
+    optim = cfg.optim
+    global_batch = cfg.batch_size * ranks * optim.grad_accumulation
+    return (f"stage {stage.name}: {ranks} ranks x batch {cfg.batch_size} x accumulation {optim.grad_accumulation} = "
+            f"global batch {global_batch:,}; {cfg.max_steps:,} steps ({cfg.max_steps * global_batch:,} samples); "
+            f"peak lr {lr:.3g} (optim.lr {optim.lr:g} per {optim.lr_batch}), warm-up {optim.warmup_steps:,} steps, "
+            f"min lr {optim.min_lr:g}")
 
 
 def _print_configs(plan, configs: dict) -> None:
@@ -62,7 +87,8 @@ def _print_configs(plan, configs: dict) -> None:
     for stage in plan.stages:
         print(f"# ---- stage {stage.name}: {stage.config}")
         print(f"# overrides: {' '.join(stage.overrides)}")
-        print(yaml.safe_dump(configs[stage.name], sort_keys=False).rstrip())
+        config = configs[stage.name]
+        print(yaml.safe_dump(config if isinstance(config, dict) else config.to_dict(), sort_keys=False).rstrip())
 
 
 def main(args: argparse.Namespace) -> int:
@@ -74,13 +100,16 @@ def main(args: argparse.Namespace) -> int:
     launcher = launchers()[args.launcher](args, log=lambda message: print(message, flush=True))
     try:
         plan = build_plan(args.source, args.overrides)
-        configs = _check(plan, args.engine)
+        configs = _check(plan, args.engine, args.dry_run)
         launcher.check(plan)
+        summaries = [_batch_and_schedule(stage, configs[stage.name], launcher.ranks(stage))
+                     for stage in plan.stages if not isinstance(configs[stage.name], dict)]
     except (OSError, ValueError) as error:
         print(f"pretrain run: {error}", file=sys.stderr)
         return 2
     kind = "schedule" if plan.is_schedule else "stage"
     print(f"{kind} {plan.source}: {' -> '.join(s.name for s in plan.stages)}; run_dir {plan.run_dir}", flush=True)
+    print("\n".join(summaries), flush=True)
     if args.dry_run:
         print(launcher.dry_run(plan))
         _print_configs(plan, configs)
