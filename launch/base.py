@@ -1,6 +1,6 @@
 """What a launcher is to `pretrain run`: its own command-line options, a check of them for every stage, what it would
 run (--dry-run), and running a plan to its end. `pretrain run` knows no launcher by name; a new one is a Launcher
-subclass in a file of its own and a line in launch/__init__.py's LAUNCHERS."""
+subclass in a file of its own and a line in launch/__init__.py's launchers()."""
 from __future__ import annotations
 
 import argparse

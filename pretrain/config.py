@@ -63,9 +63,6 @@ class ModelArgs:
     in_chans: int | None = None
     global_pool: str | None = None
 
-    def given(self) -> dict:
-        return {k: v for k, v in to_dict(self).items() if v is not None}
-
 
 @dataclass
 class ModelConfig:
@@ -86,7 +83,7 @@ class ModelConfig:
 
     def arguments(self) -> dict:
         """create_model's keyword arguments: the ones the config sets."""
-        return self.args.given()
+        return {k: v for k, v in to_dict(self.args).items() if v is not None}
 
 
 @dataclass

@@ -67,18 +67,17 @@ def _check(plan, engine_name: str, dry_run: bool) -> dict:
 def _batch_and_schedule(stage, cfg, ranks: int) -> str:
     """What a practitioner checks before queueing a stage; a global batch the ranks do not give stops it here, not
     after a wait in the queue."""
-    from pretrain.engine.optim import peak_lr
+    from pretrain.engine.optim import global_batch, peak_lr
 
     try:
-        lr = peak_lr(cfg, ranks)
+        batch = global_batch(cfg, ranks)
     except ValueError as error:
         raise ValueError(f"stage {stage.name!r} on {ranks} ranks: {error}") from None
     optim = cfg.optim
-    global_batch = cfg.batch_size * ranks * optim.grad_accumulation
     return (f"stage {stage.name}: {ranks} ranks x batch {cfg.batch_size} x accumulation {optim.grad_accumulation} = "
-            f"global batch {global_batch:,}; {cfg.max_steps:,} steps ({cfg.max_steps * global_batch:,} samples); "
-            f"peak lr {lr:.3g} (optim.lr {optim.lr:g} per {optim.lr_batch}), warm-up {optim.warmup_steps:,} steps, "
-            f"min lr {optim.min_lr:g}")
+            f"global batch {batch:,}; {cfg.max_steps:,} steps ({cfg.max_steps * batch:,} samples); "
+            f"peak lr {peak_lr(cfg, ranks):.3g} (optim.lr {optim.lr:g} per {optim.lr_batch}), "
+            f"warm-up {optim.warmup_steps:,} steps, min lr {optim.min_lr:g}")
 
 
 def _print_configs(plan, configs: dict) -> None:
@@ -109,7 +108,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     kind = "schedule" if plan.is_schedule else "stage"
     print(f"{kind} {plan.source}: {' -> '.join(s.name for s in plan.stages)}; run_dir {plan.run_dir}", flush=True)
-    print("\n".join(summaries), flush=True)
+    for line in summaries:
+        print(line, flush=True)
     if args.dry_run:
         print(launcher.dry_run(plan))
         _print_configs(plan, configs)

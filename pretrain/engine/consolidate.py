@@ -12,7 +12,6 @@ from pretrain.engine.weights import backbone_from_full
 from pretrain.fileio import atomic_write, atomic_write_json, replacing
 
 
-
 def consolidate(checkpoint_dir, out_dir, dtype: str = "fp16", tag: str | None = None, full_model: bool = False) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import save_file

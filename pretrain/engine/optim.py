@@ -42,14 +42,19 @@ def param_groups(model: torch.nn.Module, cfg: StageConfig, base_lr: float) -> li
     return list(groups.values())
 
 
-def peak_lr(cfg: StageConfig, world_size: int) -> float:
-    """optim.lr scaled linearly from optim.lr_batch to this run's global batch (which must be the declared one)."""
-    global_batch = cfg.batch_size * world_size * cfg.optim.grad_accumulation
-    if cfg.global_batch is not None and global_batch != cfg.global_batch:
+def global_batch(cfg: StageConfig, world_size: int) -> int:
+    """Samples per optimizer step on `world_size` ranks, which must be the stage's declared global_batch."""
+    samples = cfg.batch_size * world_size * cfg.optim.grad_accumulation
+    if cfg.global_batch is not None and samples != cfg.global_batch:
         raise ConfigError(f"global_batch is {cfg.global_batch}, but batch_size {cfg.batch_size} x {world_size} ranks x "
-                          f"optim.grad_accumulation {cfg.optim.grad_accumulation} = {global_batch}; change the number "
+                          f"optim.grad_accumulation {cfg.optim.grad_accumulation} = {samples}; change the number "
                           "of nodes, batch_size or optim.grad_accumulation")
-    return cfg.optim.lr * global_batch / cfg.optim.lr_batch
+    return samples
+
+
+def peak_lr(cfg: StageConfig, world_size: int) -> float:
+    """optim.lr scaled linearly from optim.lr_batch to this run's global batch."""
+    return cfg.optim.lr * global_batch(cfg, world_size) / cfg.optim.lr_batch
 
 
 def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:

@@ -2,7 +2,7 @@
 a crafted `rank*_state.pt` or `*_optim_states.pt` could run a command on every rank that resumes from it.
 
 Every load of a checkpoint goes through `weights_only_loads()`: inside it, each `torch.load` in the process, DeepSpeed's
-own included (they pass `weights_only=False`), is forced to torch's weights-only unpickler by the documented
+own included (which ask for full unpickling), is forced to torch's weights-only unpickler by the documented
 TORCH_FORCE_WEIGHTS_ONLY_LOAD switch, which accepts tensors, plain containers and numbers, plus exactly the classes
 DeepSpeed writes into its checkpoints (listed below, found with `torch.serialization.get_unsafe_globals_in_checkpoint`
 on fp32, bf16 and fp16 ZeRO-3 checkpoints). Anything else is refused with `UnsafeCheckpointError`, naming the file
