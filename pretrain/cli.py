@@ -11,6 +11,7 @@ import sys
 COMMANDS = [
     ("run", "pretrain.commands.run", "run a stage config or a schedule, locally or on SLURM; resumes from run_dir"),
     ("consolidate", "pretrain.commands.consolidate", "turn a DeepSpeed checkpoint into fp16/bf16/fp32 weights"),
+    ("export", "pretrain.commands.export", "export consolidated weights to another format (export onnx)"),
     ("estimate-memory", "pretrain.commands.estimate_memory", "per-GPU memory of a stage config at a given scale"),
     ("data", "pretrain.commands.data", "inspect webdataset shards (data check)"),
     ("shards", "pretrain.commands.shards", "build webdataset shards (shards make)"),
@@ -25,6 +26,7 @@ EXAMPLES = """examples:
   pretrain run configs/demo/pretrain.yaml --launcher local --nproc 2 max_steps=8 run_dir=runs/try
   pretrain estimate-memory configs/internimage_h/in1k_640.yaml --nodes 4 --gpus-per-node 8
   pretrain consolidate runs/demo/finetune/checkpoints --out export/ --dtype fp16
+  pretrain export onnx export/ --out internimage.onnx
   pretrain shards make --demo data/demo
   pretrain data check 'data/demo/image-text/train/{00000..00007}.tar' --task image-text
 

@@ -1,6 +1,7 @@
 """DeepSpeed checkpoint -> fp16/bf16/fp32 weights: the backbone alone (.safetensors, and .pth under 'model' with the
 release's key names, which the release's detection/segmentation code loads as a pretrained backbone), and optionally
-the full model. The fp32 weights come from DeepSpeed's own zero_to_fp32, so the result equals its output, cast."""
+the full model; and the folders timm and open_clip load (pretrain/export/folders.py). The fp32 weights come from
+DeepSpeed's own zero_to_fp32, so the result equals its output, cast."""
 from pathlib import Path
 
 import torch
@@ -9,6 +10,7 @@ from pretrain.config import DTYPES
 from pretrain.engine.checkpoint import newest_complete, read_manifest
 from pretrain.engine.safe_loading import weights_only_loads
 from pretrain.engine.weights import backbone_from_full
+from pretrain.export.folders import write_tool_folders
 from pretrain.fileio import atomic_write, atomic_write_json, replacing
 
 
@@ -37,6 +39,7 @@ def consolidate(checkpoint_dir, out_dir, dtype: str = "fp16", tag: str | None = 
         written["model_safetensors"] = out_dir / "model.safetensors"
         with replacing(written["model_safetensors"]) as tmp:
             save_file(cast, str(tmp))
+    written.update(write_tool_folders(out_dir, checkpoint_dir, cast, prefix))
     atomic_write_json(out_dir / "export.json",
                       {"checkpoint": str(checkpoint_dir / tag), "dtype": dtype, "backbone_tensors": len(backbone),
                        "backbone_parameters": sum(v.numel() for v in backbone.values())})

@@ -141,7 +141,8 @@ class DCNv3(nn.Module):
         if self.center_feature_scale_proj_weight is not None:
             scale = torch.sigmoid(F.linear(features, self.center_feature_scale_proj_weight,
                                            self.center_feature_scale_proj_bias))
-            scale = scale.repeat_interleave(self.group_channels, dim=-1)
+            # Each group's scale over its channels; not repeat_interleave, whose ONNX export is a misshapen Tile.
+            scale = scale[..., None].expand(-1, -1, -1, -1, self.group_channels).flatten(-2)
             y = y * (1 - scale) + value * scale
         return self.output_proj(y)
 

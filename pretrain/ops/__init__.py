@@ -4,12 +4,29 @@
 reference.py. With backend=None the fastest backend that handles the tensors' device and dtype runs. Arguments follow the
 public release's order, so code written against it ports unchanged; semantics are in the reference.
 """
+import contextlib
+
 import torch
 
 from pretrain.ops.kernels import EXTENSIONS, KERNEL_DTYPES, dcnv3_kernel
 from pretrain.ops.reference import dcnv3_reference, output_size
 
 BACKENDS = ("cuda", "cpu", "reference")
+_default_backend: str | None = None  # what backend=None means; set by `default_backend`
+
+
+@contextlib.contextmanager
+def default_backend(name: str):
+    """Within it, every dcnv3 call that names no backend runs on `name`: the whole model on one backend without
+    touching its modules (the ONNX export traces the reference; the inference benchmark times each path)."""
+    global _default_backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown DCNv3 backend {name!r}; choose one of {BACKENDS}")
+    previous, _default_backend = _default_backend, name
+    try:
+        yield
+    finally:
+        _default_backend = previous
 
 
 def available_backends() -> list[str]:
@@ -51,6 +68,7 @@ def _kernel_handles(name: str, input: torch.Tensor) -> bool:
 
 def _choose_backend(input: torch.Tensor, backend: str | None) -> str:
     device = input.device.type
+    backend = backend or _default_backend
     if backend is None:
         if device == "meta":  # tracing: the kernels' fake implementation gives the shapes
             return "cpu"
@@ -112,4 +130,4 @@ def _check_tensors(input, offset, mask):
                              "call .contiguous() on it")
 
 
-__all__ = ["dcnv3", "dcnv3_reference", "available_backends"]
+__all__ = ["dcnv3", "dcnv3_reference", "available_backends", "default_backend"]
