@@ -169,9 +169,17 @@ class LoggingConfig:
     progress_bar: bool = True
     peak_tflops: float | None = None
     """Peak TFLOP/s of one device for the MFU estimate; None: looked up for known GPUs, else MFU is not reported."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs the wandb package; WANDB_MODE=offline writes RUN_DIR/wandb/ only)."""
+    wandb_project: str = "internimage-pretrain"
 
     def __post_init__(self):
         _positive("logging.", every=self.every, peak_tflops=self.peak_tflops)
+        if self.wandb:
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                raise ConfigError("logging.wandb needs the wandb package: pip install wandb==0.31.0")
 
 
 @dataclass

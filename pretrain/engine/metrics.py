@@ -1,5 +1,5 @@
 """What a run reports: RUN_DIR/metrics.jsonl (one object per logged step, plus events such as resume), TensorBoard
-scalars, a rank-0 progress bar with ETA, peak memory per rank, throughput and an MFU estimate."""
+scalars, optionally Weights & Biases (wandb_log.py), a rank-0 progress bar with ETA, peak memory per rank, throughput and an MFU estimate."""
 import json
 import resource
 import time
@@ -47,12 +47,17 @@ def train_flops_per_sample(build_model, example_inputs) -> float:
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, is_main: bool, total_steps: int, start_step: int, tensorboard: bool,
-                 progress_bar: bool):
+                 progress_bar: bool, wandb_project: str | None = None, config: dict | None = None):
+        """wandb_project: log to Weights & Biases too, in that project, with `config` as the run's config."""
         self.is_main = is_main
-        self.file = self.writer = self.bar = None
+        self.file = self.writer = self.bar = self.wandb = None
         if not is_main:
             return
         self.file = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)
+        if wandb_project is not None:
+            from pretrain.engine.wandb_log import WandbWriter
+
+            self.wandb = WandbWriter(Path(run_dir), wandb_project, config or {})
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -75,6 +80,8 @@ class MetricsLogger:
             for key, value in values.items():
                 if isinstance(value, (int, float)):
                     self.writer.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(step, values)
         if self.bar is not None:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k in ("loss", "lr", "samples_per_s")})
 
@@ -87,5 +94,7 @@ class MetricsLogger:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.close()
         if self.file is not None:
             self.file.close()

@@ -124,7 +124,8 @@ class Trainer:
     def fit(self) -> dict:
         cfg = self.cfg
         metrics = MetricsLogger(self.run_dir, self.world.is_main, cfg.max_steps, self.step,
-                                cfg.logging.tensorboard, cfg.logging.progress_bar)
+                                cfg.logging.tensorboard, cfg.logging.progress_bar,
+                                cfg.logging.wandb_project if cfg.logging.wandb else None, cfg.to_dict())
         for message in self.ignored_checkpoints:
             metrics.event("checkpoint_ignored", message=message)
         if self.resumed_from is not None:
