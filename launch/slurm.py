@@ -228,11 +228,13 @@ def _folder(plan: Plan, options: SlurmOptions) -> str:
 
 
 def sbatch_script(plan: Plan, stage: StagePlan, options: SlurmOptions, dependency: str | None) -> str:
-    from submitit.slurm.slurm import SlurmExecutor, _make_sbatch_string
+    from submitit.slurm.slurm import _make_sbatch_string
 
     folder = _folder(plan, options)
     params = dict(options.for_stage(stage), dependency=dependency)
-    command = SlurmExecutor(folder)._submitit_command_str
+    # The command submitit's SlurmExecutor writes, spelled here: its constructor demands `srun`, which a laptop or a
+    # login node showing the dry run may not have (tests/test_config_checks.py compares the two).
+    command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(folder)}"
     return _make_sbatch_string(command=command, folder=folder, **{k: v for k, v in params.items() if v is not None})
 
 

@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from pretrain.data.config import DataConfig
+from pretrain.models import image_size_multiple
 from pretrain.fileio import atomic_write_text
 from pretrain.typed_config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
@@ -240,6 +241,10 @@ class StageConfig:
             raise ConfigError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.eval.ema and self.ema_decay is None:
             raise ConfigError("eval.ema needs ema_decay")
+        multiple = image_size_multiple(self.model.name, self.model.arguments())
+        if self.data.image_size % multiple:
+            raise ConfigError(f"data.image_size ({self.data.image_size}) must be a multiple of {multiple} for "
+                              f"{self.model.name} (its head fuses the stride-16 and stride-32 maps)")
 
     def _steps_from_epochs(self):
         if self.epochs is None and self.warmup_epochs is None:
@@ -253,6 +258,10 @@ class StageConfig:
             if self.epochs is None:
                 raise ConfigError("set max_steps or epochs")
             self.max_steps = round(self.epochs * steps_per_epoch)
+        elif self.epochs is not None:
+            # max_steps shortens (or stretches) the epoch-based run: the schedule keeps its shape, warm-up included,
+            # rather than a production warm-up longer than the run.
+            steps_per_epoch = self.max_steps / self.epochs
         if self.warmup_epochs is not None:
             warmup = round(self.warmup_epochs * steps_per_epoch)
             if self.optim.warmup_steps not in (0, warmup):

@@ -1,4 +1,5 @@
 """`pretrain estimate-memory CONFIG --nodes N --gpus-per-node G [overrides]`."""
+from pretrain.commands.overrides import accept_late_overrides
 
 
 def add_arguments(parser):
@@ -7,15 +8,23 @@ def add_arguments(parser):
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU, to report the headroom")
+    accept_late_overrides(parser)
 
 
 def main(args) -> int:
     import json
+    import sys
 
     from pretrain.config import load_stage_config
     from pretrain.engine.memory import GIB, estimate
 
-    cfg = load_stage_config(args.config, args.overrides)
+    try:
+        if args.nodes <= 0 or args.gpus_per_node <= 0:
+            raise ValueError(f"--nodes and --gpus-per-node must be > 0, got {args.nodes} and {args.gpus_per_node}")
+        cfg = load_stage_config(args.config, args.overrides)
+    except (OSError, ValueError) as error:
+        print(f"pretrain estimate-memory: {error}", file=sys.stderr)
+        return 2
     devices = args.nodes * args.gpus_per_node
     result = estimate(cfg, devices)
     checkpointing = cfg.model.activation_checkpointing

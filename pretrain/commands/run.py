@@ -8,7 +8,8 @@ checked here before any rank starts.
 from __future__ import annotations
 
 import argparse
-import types
+
+from pretrain.commands.overrides import accept_late_overrides
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,16 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, launcher in launchers().items():
         launcher.add_arguments(parser.add_argument_group(f"--launcher {name}: {launcher.description}"))
     parser.add_argument("--engine", default="pretrain.engine", help=argparse.SUPPRESS)  # test seam
-    # Overrides may come after options (`run demo.yaml --launcher slurm max_steps=8`): argparse leaves such trailing
-    # positionals unrecognised, so collect every leftover KEY=VALUE into `overrides`.
-    parser.parse_known_args = types.MethodType(_parse_known_args, parser)
-
-
-def _parse_known_args(self, args=None, namespace=None):
-    namespace, extras = argparse.ArgumentParser.parse_known_args(self, args, namespace)
-    late = [a for a in extras if "=" in a and not a.startswith("-")]
-    namespace.overrides = list(getattr(namespace, "overrides", None) or []) + late
-    return namespace, [a for a in extras if a not in late]
+    accept_late_overrides(parser)
 
 
 def _check(plan, engine_name: str, dry_run: bool) -> dict:
@@ -75,9 +67,16 @@ def _batch_and_schedule(stage, cfg, ranks: int) -> str:
         raise ValueError(f"stage {stage.name!r} on {ranks} ranks: {error}") from None
     optim = cfg.optim
     return (f"stage {stage.name}: {ranks} ranks x batch {cfg.batch_size} x accumulation {optim.grad_accumulation} = "
-            f"global batch {batch:,}; {cfg.max_steps:,} steps ({cfg.max_steps * batch:,} samples); "
+            f"global batch {batch:,}; {cfg.max_steps:,} steps ({cfg.max_steps * batch:,} samples){_scaled(cfg)}; "
             f"peak lr {peak_lr(cfg, ranks):.3g} (optim.lr {optim.lr:g} per {optim.lr_batch}), "
             f"warm-up {optim.warmup_steps:,} steps, min lr {optim.min_lr:g}")
+
+
+def _scaled(cfg) -> str:
+    """Says so when max_steps replaced the epoch count and the epoch-based schedule was scaled to it."""
+    if cfg.epochs is None or cfg.max_steps == round(cfg.epochs * (cfg.data.samples_per_epoch // cfg.global_batch)):
+        return ""
+    return f" = {cfg.epochs:g} epochs scaled to max_steps, warm-up with them"
 
 
 def _print_configs(plan, configs: dict) -> None:

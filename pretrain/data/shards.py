@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from braceexpand import UnbalancedBracesError
 from webdataset.shardlists import expand_urls
 
+GLOB = re.compile(r"[*?[]")
+GLOB_HINT = "; shell globs (*, ?, [...]) are not expanded: brace patterns are supported, e.g. 'train-{0000..1023}.tar'"
 REMOTE = re.compile(r"^[a-z][a-z0-9+.-]*:", re.IGNORECASE)  # pipe:, http:, s3:, gs: ... but not a local path
 
 
@@ -32,7 +34,8 @@ def expand_shards(pattern: str) -> list[str]:
         raise ValueError(f"shard pattern {pattern!r} expands to no shards")
     for url in urls:
         if is_local(url) and not os.path.isfile(local_path(url)):
-            raise FileNotFoundError(f"shard not found: {local_path(url)} (from pattern {pattern!r})")
+            hint = GLOB_HINT if GLOB.search(local_path(url)) else ""
+            raise FileNotFoundError(f"shard not found: {local_path(url)} (from pattern {pattern!r}){hint}")
     return urls
 
 

@@ -15,4 +15,11 @@ def create_model(name: str, **overrides) -> InternImage:
     return create_internimage(name, **overrides)
 
 
-__all__ = ["InternImage", "create_model", "list_models", "load_official_checkpoint", "release_state_dict"]
+def image_size_multiple(name: str, overrides: dict) -> int:
+    """What the input's side must be a multiple of: H/G's attention-pooling head adds the stride-16 map to the
+    upsampled stride-32 one, which only match when the side divides by 32."""
+    arguments = {**MODEL_CONFIGS[name], **overrides}
+    return 32 if arguments.get("use_clip_projector") else 1
+
+
+__all__ = ["InternImage", "create_model", "image_size_multiple", "list_models", "load_official_checkpoint", "release_state_dict"]
