@@ -17,6 +17,8 @@ from pathlib import Path
 
 from launch import failures, rendezvous
 from launch.base import Launcher
+from launch.lifetime import PARENT_PID_ENV
+from launch.run_lock import EXIT_BUSY, RunDirBusy, RunLock
 from launch.schedule import Plan, StagePlan, read_result, write_summary
 from launch.worker import DEFAULT_ENGINE, EXIT_PREEMPTED
 
@@ -78,6 +80,7 @@ def run_stage(stage: StagePlan, nproc: int, engine: str = DEFAULT_ENGINE, log=pr
     port = rendezvous.free_port()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([_repo_root()] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env[PARENT_PID_ENV] = str(os.getpid())  # each rank dies with this process (lifetime.py)
     started = time.time()
     ranks = RankGroup([rank_command(stage, engine)] * nproc,
                       [dict(env, **rendezvous.local(rank, nproc, port).env()) for rank in range(nproc)])
@@ -130,9 +133,14 @@ def run_plan(plan: Plan, nproc: int, engine: str = DEFAULT_ENGINE, log=print) ->
         if read_result(stage) is not None:
             log(f"[{stage.name}] already completed ({stage.result_path()}); skipping")
             continue
-        log(f"[{stage.name}] starting: {nproc} rank(s), run_dir {stage.run_dir}")
         t0 = time.monotonic()
-        code = run_stage(stage, nproc, engine, log)
+        try:
+            with RunLock(stage.run_dir, log):
+                log(f"[{stage.name}] starting: {nproc} rank(s), run_dir {stage.run_dir}")
+                code = run_stage(stage, nproc, engine, log)
+        except RunDirBusy as busy:
+            log(f"[{stage.name}] {busy}")
+            return EXIT_BUSY
         if code in (EXIT_PREEMPTED, EXIT_INTERRUPTED):
             saved = "after saving a checkpoint" if code == EXIT_PREEMPTED else "before every rank had saved"
             log(f"[{stage.name}] stopped {saved}; run the same command again to resume from the last complete "

@@ -18,12 +18,14 @@ squeue instead, and once squeue forgets a job, its stage's result.json or failur
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -31,6 +33,8 @@ from typing import Any, Callable
 from launch.schedule import Plan, StagePlan, read_result, write_summary
 from launch import failures
 from launch.base import Launcher
+from launch.lifetime import bind_rank_to_parent
+from launch.run_lock import EXIT_BUSY, RunDirBusy, RunLock
 from launch.worker import DEFAULT_ENGINE, EXIT_FAILED, end_with_error, load_engine, run_rank
 
 FINISHED_OK = {"COMPLETED"}
@@ -127,6 +131,7 @@ class StageTask:
 
         from launch.rendezvous import from_slurm
 
+        bind_rank_to_parent(os.getppid())  # slurmstepd, which ends the step's tasks when srun or the batch script dies
         job_env = submitit.JobEnvironment()
         rdzv = from_slurm()
         usr_sig = job_env._usr_sig()
@@ -143,7 +148,12 @@ class StageTask:
         signal.signal(usr_sig, on_preempt)
         print(f"[{self.stage.name}] {job_env}: rendezvous {rdzv.master_addr}:{rdzv.master_port}", flush=True)
         try:
-            result = run_rank(self.stage, rdzv, self.engine)
+            with RunLock(self.stage.run_dir) if rdzv.rank == 0 else nullcontext():  # rank 0 outlives no peer long
+                result = run_rank(self.stage, rdzv, self.engine)
+        except RunDirBusy as busy:
+            print(f"[{self.stage.name}] {busy}", file=sys.stderr, flush=True)
+            cancel_dependants(job_env.job_id)
+            sys.exit(EXIT_BUSY)
         except Exception as error:
             code = end_with_error(self.stage, rdzv.rank, error)
             if rdzv.rank == 0:

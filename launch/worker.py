@@ -17,6 +17,7 @@ from types import ModuleType
 from typing import Any
 
 from launch import failures
+from launch.lifetime import PARENT_PID_ENV, bind_rank_to_parent
 from launch.rendezvous import Rendezvous
 from launch.schedule import StagePlan, ensure_export
 
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", default=DEFAULT_ENGINE)
     parser.add_argument("--stage", required=True, help="the StagePlan as JSON")
     args = parser.parse_args(argv)
+    bind_rank_to_parent(int(os.environ.get(PARENT_PID_ENV) or os.getppid()))
     stage = StagePlan(**json.loads(args.stage))
     rdzv = Rendezvous(
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["RANK"]),

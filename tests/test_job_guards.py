@@ -1,0 +1,113 @@
+"""What a job leaves behind and whom it lets in, on the real engine (DeepSpeed ZeRO-3, 2 CPU ranks, the local
+launcher): a second job on a busy run directory refuses in one line while the first trains on; the launcher SIGKILLed
+mid-run leaves no process of the job alive and the run directory still; a lock whose holder is gone is taken over.
+Every wait is guarded only against a hang."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from conftest import CONFIG, FAST, REPO, TESTS, wait_for
+from launch.run_lock import HOLDER_FILE, RunDirBusy, RunLock
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{TESTS}{os.pathsep}{REPO}", "PRETRAIN_FAULT": ""}
+
+
+def start(run_dir: Path, *overrides) -> subprocess.Popen:
+    """`pretrain run` on 2 local ranks of the real engine (fault_engine records each rank's pid in RUN_DIR/pids)."""
+    return subprocess.Popen([sys.executable, "-m", "pretrain", "run", CONFIG, "--launcher", "local", "--nproc", "2",
+                             "--engine", "fault_engine", f"run_dir={run_dir}", *FAST, *overrides],
+                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def steps_logged(run_dir: Path) -> int:
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    return max((json.loads(line).get("step", 0) for line in lines if line.strip()), default=0)
+
+
+def job_processes(run_dir: Path) -> list[psutil.Process]:
+    """Every live process in a rank's process group (each rank leads one): the rank, its data workers, the watcher."""
+    groups = {int(p.read_text()) for p in (run_dir / "pids").glob("rank*")}
+    alive = []
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(proc.pid) in groups and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return alive
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_busy_run_dir_refuses_a_second_job_and_a_killed_launcher_leaves_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    first = start(run_dir, "max_steps=1000", "checkpoint.every=5")
+    try:
+        wait_for(lambda: steps_logged(run_dir) >= 2)
+        assert len(job_processes(run_dir)) >= 4  # two ranks, each with a data worker and a watcher
+
+        second = start(run_dir, "max_steps=1000")
+        out, _ = second.communicate(timeout=300)
+        refusal = [line for line in out.splitlines() if "in use by another job" in line]
+        assert second.returncode == 2, out[-3000:]
+        assert len(refusal) == 1 and str(run_dir) in refusal[0]
+        assert f"host {socket.gethostname()}, pid {first.pid}" in refusal[0]
+        assert not (run_dir / "failures").exists()
+        at_refusal = steps_logged(run_dir)
+        wait_for(lambda: steps_logged(run_dir) > at_refusal)  # the first job trains on
+        assert first.poll() is None
+
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+        killed = time.monotonic()
+        wait_for(lambda: not job_processes(run_dir), timeout=60)
+        print(f"\nFAULT launcher SIGKILLed: {time.monotonic() - killed:.1f} s until no process of the job is alive")
+        before = snapshot(run_dir)
+        time.sleep(3)
+        assert snapshot(run_dir) == before
+    finally:
+        if first.poll() is None:
+            first.kill()
+
+    # The killed launcher's lock.json is left behind; its flock went with it, so the next job takes over.
+    notes = []
+    with RunLock(run_dir, notes.append):
+        holder = json.loads((run_dir / HOLDER_FILE).read_text())
+        assert holder["pid"] == os.getpid()
+    assert len(notes) == 1 and f"pid {first.pid}" in notes[0] and "its lock is released" in notes[0]
+    assert not (run_dir / HOLDER_FILE).exists()
+
+
+def test_a_lock_of_another_host_holds_until_its_heartbeat_is_stale(tmp_path):
+    """Where flock is not honoured across hosts, lock.json's heartbeat decides."""
+    holder = {"host": "node17", "pid": 4242, "slurm_job_id": "981", "since": time.time()}
+    (tmp_path / HOLDER_FILE).write_text(json.dumps({**holder, "heartbeat": time.time() - 5}))
+    try:
+        with RunLock(tmp_path):
+            raise AssertionError("a live holder's lock was taken")
+    except RunDirBusy as busy:
+        assert str(tmp_path) in str(busy) and "host node17, pid 4242, SLURM job 981" in str(busy)
+    (tmp_path / HOLDER_FILE).write_text(json.dumps({**holder, "heartbeat": time.time() - 600}))
+    notes = []
+    with RunLock(tmp_path, notes.append):
+        pass
+    assert len(notes) == 1 and "node17" in notes[0] and "no heartbeat for 600 s" in notes[0]
+
+
+def test_a_held_lock_refuses_in_the_same_host(tmp_path):
+    with RunLock(tmp_path):
+        try:
+            with RunLock(tmp_path):
+                raise AssertionError("the run directory was locked twice")
+        except RunDirBusy as busy:
+            assert f"pid {os.getpid()}" in str(busy)
