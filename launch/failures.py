@@ -91,16 +91,19 @@ def describe_exit(code: int | None) -> str:
 
 
 def report(stage: str, run_dir: str | Path, since: float, exit_codes: dict[int, int | None],
-           ended_by_launcher: frozenset[int] = frozenset(), ranks_said_theirs: bool = False) -> str:
+           ended_by_launcher: frozenset[int] = frozenset(), ranks_said_theirs: bool = False,
+           stalled: str | None = None) -> str:
     """One line per rank, then the culprit's traceback. The culprit: the first rank whose error was its own; else a
     rank killed by a signal the launcher did not send (no record: SIGKILL, the OOM killer); else the first record.
     `ranks_said_theirs`: the ranks' own lines already reached the user (the local launcher's shared console), so only
-    the ranks without a record get a line here."""
+    the ranks without a record get a line here. `stalled`: the line naming a rank that stopped making progress (see
+    pretrain/progress.py), the culprit when no rank failed of its own and none was killed from outside."""
     records = {r.rank: r for r in read_records(run_dir, since)}
     own = [r for r in records.values() if r.kind == FAILED]
     killed = [rank for rank, code in sorted(exit_codes.items())
               if code is not None and code < 0 and rank not in records and rank not in ended_by_launcher]
-    culprit = own[0] if own else None if killed else min(records.values(), key=lambda r: r.time, default=None)
+    culprit = own[0] if own else None if killed or stalled else min(records.values(), key=lambda r: r.time,
+                                                                     default=None)
     lines = []
     for rank in sorted(set(exit_codes) | set(records)):
         if rank in records and records[rank] is not culprit and not ranks_said_theirs:
@@ -113,4 +116,6 @@ def report(stage: str, run_dir: str | Path, since: float, exit_codes: dict[int, 
     elif killed:
         lines.append(f"[{stage}] rank {killed[0]} was {describe_exit(exit_codes[killed[0]])} and left no traceback "
                      "(killed from outside, or by the kernel when out of memory: see dmesg)")
+    elif stalled:
+        lines.append(stalled)
     return "\n".join(lines)

@@ -20,6 +20,7 @@ from launch.base import Launcher
 from launch.lifetime import PARENT_PID_ENV
 from launch.run_lock import EXIT_BUSY, RunDirBusy, RunLock
 from launch.schedule import Plan, StagePlan, read_result, write_summary
+from pretrain import progress
 from launch.worker import DEFAULT_ENGINE, EXIT_PREEMPTED
 
 
@@ -35,6 +36,7 @@ def rank_command(stage: StagePlan, engine: str) -> list[str]:
 # collective until its timeout); after a stop request, the ranks get this long to save a checkpoint and exit.
 FAILURE_GRACE_S = 10.0
 STOP_GRACE_S = 300.0
+PROGRESS_POLL_S = 1.0
 EXIT_INTERRUPTED = 130
 
 
@@ -99,9 +101,16 @@ def run_stage(stage: StagePlan, nproc: int, engine: str = DEFAULT_ENGINE, log=pr
         deadline[:] = [min(deadline + [time.monotonic() + stop_grace_s])]
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    failed = None
+    failed, polled = None, time.monotonic()
     try:
         while ranks.running():
+            if not deadline and time.monotonic() - polled >= PROGRESS_POLL_S:
+                polled = time.monotonic()
+                beats = progress.read(stage.run_dir, started)
+                late = progress.overdue(beats, ranks.running(), failure_grace_s, time.time())
+                if late is not None:  # silent past its phase's allowance: its peers wait in vain, end them all
+                    log(progress.stalled_line(stage.name, beats, late.rank, time.time()) + "; ending the job")
+                    deadline[:] = [0.0]
             if failed is None:
                 failed = next((r for r, c in ranks.codes().items() if c not in (None, 0, EXIT_PREEMPTED)), None)
                 if failed is not None:
@@ -124,8 +133,18 @@ def run_stage(stage: StagePlan, nproc: int, engine: str = DEFAULT_ENGINE, log=pr
     if failed is None and signals:
         return EXIT_INTERRUPTED  # stopped by the user before every rank had saved
     log(failures.report(stage.name, stage.run_dir, started, codes, frozenset(ranks.ended_by_launcher),
-                        ranks_said_theirs=True))
+                        ranks_said_theirs=True, stalled=_stalled(stage, started, ranks.ended_by_launcher)))
     return codes[failed] if failed is not None and codes[failed] > 0 else 1
+
+
+def _stalled(stage: StagePlan, started: float, ended_by_launcher: set[int]) -> str | None:
+    """The rank that stopped making progress, if any: of those that never ended of their own accord while their peers
+    gave up on them (a collective timeout, "stopped"), the one silent the longest."""
+    beats = progress.read(stage.run_dir, started)
+    silent = [beats[r] for r in ended_by_launcher if r in beats]
+    if not silent:
+        return None
+    return progress.stalled_line(stage.name, beats, min(silent, key=lambda b: b.time).rank, time.time())
 
 
 def run_plan(plan: Plan, nproc: int, engine: str = DEFAULT_ENGINE, log=print) -> int:

@@ -195,6 +195,18 @@ class EvalConfig:
 
 
 @dataclass
+class DistributedConfig:
+    timeout_s: float = 1800.0
+    """How long a collective waits for a silent peer before the job ends, naming it; also the allowance of every phase
+    the launcher watches (see pretrain/progress.py). Sized for the slowest legitimate wait, the save of an
+    InternImage-G checkpoint: 3B parameters x 14 bytes (bf16 weights, fp32 master copy, two Adam moments) = 42 GB, about
+    7 minutes at the 100 MB/s a contended shared file system gives, and 4x that for a slower one."""
+
+    def __post_init__(self):
+        _positive("distributed.", timeout_s=self.timeout_s)
+
+
+@dataclass
 class StageConfig:
     task: str = "image-text"
     """The objective, a name in pretrain.engine.tasks.TASKS: "image-text" (contrastive pretraining) or
@@ -226,6 +238,7 @@ class StageConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self):
         _positive("", epochs=self.epochs, warmup_epochs=self.warmup_epochs, global_batch=self.global_batch)

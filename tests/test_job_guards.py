@@ -26,10 +26,11 @@ def start(run_dir: Path, *overrides) -> subprocess.Popen:
                             cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def steps_logged(run_dir: Path) -> int:
+def steps_logged(run_dir: Path, after_line: int = 0) -> int:
+    """The last training step in metrics.jsonl, counting only lines after the first `after_line`."""
     metrics = run_dir / "metrics.jsonl"
-    lines = metrics.read_text().splitlines() if metrics.is_file() else []
-    return max((json.loads(line).get("step", 0) for line in lines if line.strip()), default=0)
+    lines = metrics.read_text().splitlines()[after_line:] if metrics.is_file() else []
+    return max((json.loads(line)["step"] for line in lines if line.strip() and '"loss"' in line), default=0)
 
 
 def job_processes(run_dir: Path) -> list[psutil.Process]:
@@ -49,11 +50,23 @@ def snapshot(folder: Path) -> dict:
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
 
 
-def test_a_busy_run_dir_refuses_a_second_job_and_a_killed_launcher_leaves_nothing(tmp_path):
+TIMEOUT_S = 60  # distributed.timeout_s: short, yet longer than any wait of a healthy step on a loaded machine
+
+
+def training(job: subprocess.Popen, run_dir: Path, past_step: int, after_line: int = 0):
+    """Wait until `job` logs a step after `past_step`; fail with its output if it ends first."""
+    def trained() -> bool:
+        if job.poll() is not None:
+            raise AssertionError(f"the job ended (status {job.returncode}):\n{job.communicate()[0][-4000:]}")
+        return steps_logged(run_dir, after_line) > past_step
+    wait_for(trained)
+
+
+def test_a_busy_run_dir_refuses_a_second_job_a_frozen_rank_is_named_a_killed_launcher_leaves_nothing(tmp_path):
     run_dir = tmp_path / "run"
-    first = start(run_dir, "max_steps=1000", "checkpoint.every=5")
+    first = start(run_dir, "max_steps=1000", "checkpoint.every=5", f"distributed.timeout_s={TIMEOUT_S}")
     try:
-        wait_for(lambda: steps_logged(run_dir) >= 2)
+        training(first, run_dir, 1)
         assert len(job_processes(run_dir)) >= 4  # two ranks, each with a data worker and a watcher
 
         second = start(run_dir, "max_steps=1000")
@@ -64,11 +77,34 @@ def test_a_busy_run_dir_refuses_a_second_job_and_a_killed_launcher_leaves_nothin
         assert f"host {socket.gethostname()}, pid {first.pid}" in refusal[0]
         assert not (run_dir / "failures").exists()
         at_refusal = steps_logged(run_dir)
-        wait_for(lambda: steps_logged(run_dir) > at_refusal)  # the first job trains on
+        training(first, run_dir, at_refusal)  # the first job trains on
         assert first.poll() is None
 
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=60)
+        # Rank 1 freezes (a wedged device, a stuck read): rank 0's collective gives up after the timeout, the
+        # launcher ends rank 1 after its grace and names it.
+        frozen = int((run_dir / "pids" / "rank1").read_text())
+        os.kill(frozen, signal.SIGSTOP)
+        stopped = time.monotonic()
+        out, _ = first.communicate(timeout=600)
+        print(f"\nFAULT rank 1 SIGSTOPped, timeout_s={TIMEOUT_S}: {time.monotonic() - stopped:.1f} s to the launcher's "
+              "exit")
+        assert first.returncode == 1, out[-4000:]
+        named = [line for line in out.splitlines() if "stopped making progress" in line]
+        assert named and named[-1].startswith(f"[pretrain] rank 1 on {socket.gethostname()}, last seen"), out[-4000:]
+        assert "its peers: rank 0 on" in named[-1]
+        report = out.rstrip().splitlines()
+        assert report[-2] == named[-1] and report[-1].startswith("[pretrain] FAILED")  # not rank 0's "timed out"
+        assert not job_processes(run_dir)
+    finally:
+        if first.poll() is None:
+            first.kill()
+
+    offset = len((run_dir / "metrics.jsonl").read_text().splitlines())
+    resumed = start(run_dir, "max_steps=1000", "checkpoint.every=5")
+    try:
+        training(resumed, run_dir, 0, offset)
+        resumed.send_signal(signal.SIGKILL)
+        resumed.wait(timeout=60)
         killed = time.monotonic()
         wait_for(lambda: not job_processes(run_dir), timeout=60)
         print(f"\nFAULT launcher SIGKILLed: {time.monotonic() - killed:.1f} s until no process of the job is alive")
@@ -76,15 +112,15 @@ def test_a_busy_run_dir_refuses_a_second_job_and_a_killed_launcher_leaves_nothin
         time.sleep(3)
         assert snapshot(run_dir) == before
     finally:
-        if first.poll() is None:
-            first.kill()
+        if resumed.poll() is None:
+            resumed.kill()
 
     # The killed launcher's lock.json is left behind; its flock went with it, so the next job takes over.
     notes = []
     with RunLock(run_dir, notes.append):
         holder = json.loads((run_dir / HOLDER_FILE).read_text())
         assert holder["pid"] == os.getpid()
-    assert len(notes) == 1 and f"pid {first.pid}" in notes[0] and "its lock is released" in notes[0]
+    assert len(notes) == 1 and f"pid {resumed.pid}" in notes[0] and "its lock is released" in notes[0]
     assert not (run_dir / HOLDER_FILE).exists()
 
 

@@ -23,6 +23,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +88,43 @@ def newest_complete(directory: str | Path) -> str | None:
 
 def read_manifest(folder: Path) -> dict:
     return json.loads((folder / MANIFEST).read_text())
+
+
+def convert_to_universal(directory: Path, tag: str, world_size: int) -> None:
+    """Convert `tag` into `tag`_universal in a process of its own (see universal.py). The conversion writes into a
+    staging folder renamed when complete: a finished conversion is kept, one killed part-way is redone."""
+    universal = tag + UNIVERSAL_SUFFIX
+    staging, target = directory / (STAGING + universal), directory / universal
+    shutil.rmtree(staging, ignore_errors=True)
+    converted = subprocess.run([sys.executable, "-m", "pretrain.engine.universal", "--input_folder",
+                                str(directory / tag), "--output_folder", str(staging)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if converted.returncode != 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        why = converted.stderr.strip().splitlines()[-1:] or [f"exit status {converted.returncode}"]
+        raise RuntimeError(f"the universal conversion of {directory / tag} (saved on "
+                           f"{read_manifest(directory / tag)['world_size']} ranks, resumed on {world_size}) failed: "
+                           f"{why[0]}")
+    shutil.copy(directory / tag / MANIFEST, staging / MANIFEST)
+    shutil.rmtree(target, ignore_errors=True)
+    os.rename(staging, target)
+    fsync_dir(directory)
+
+
+def convert_for_resume(directory: str | Path, rank: int, world_size: int, poll_s: float = 1.0) -> None:
+    """Run before the process group exists, so that no collective's timeout runs while a large checkpoint converts
+    (a G checkpoint of 128 ranks takes longer than any sensible timeout): if the newest complete checkpoint was saved
+    on another number of ranks, rank 0 converts it to the universal format and the other ranks wait for the result on
+    the file system. If rank 0 fails, its launcher ends the waiting ranks."""
+    directory = Path(directory)
+    tag = newest_complete(directory)
+    if tag is None or read_manifest(directory / tag)["world_size"] == world_size:
+        return
+    done = directory / (tag + UNIVERSAL_SUFFIX) / MANIFEST
+    if rank == 0 and not done.is_file():
+        convert_to_universal(directory, tag, world_size)
+    while not done.is_file():
+        time.sleep(poll_s)
 
 
 class RecordingWriter:
@@ -160,26 +198,11 @@ class CheckpointManager:
         return self.saved_world_size(tag) != self.world_size
 
     def prepare_universal(self, tag: str) -> str:
-        """Convert `tag` to DeepSpeed's universal format (once, on rank 0), so it loads on another number of ranks.
-        The conversion writes into a staging folder renamed when complete, so a kill during it is simply redone."""
+        """`tag` in DeepSpeed's universal format, so it loads on another number of ranks; converted here (rank 0) only
+        if convert_for_resume, which runs before any collective, chose another checkpoint than rank 0 now does."""
         universal = tag + UNIVERSAL_SUFFIX
-        target = self.directory / universal
-        if self.rank == 0 and not (target / MANIFEST).is_file():
-            staging = self.directory / (STAGING + universal)
-            shutil.rmtree(staging, ignore_errors=True)
-            converted = subprocess.run([sys.executable, "-m", "pretrain.engine.universal", "--input_folder",
-                                        str(self.directory / tag), "--output_folder", str(staging)],
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            if converted.returncode != 0:
-                shutil.rmtree(staging, ignore_errors=True)
-                why = converted.stderr.strip().splitlines()[-1:] or [f"exit status {converted.returncode}"]
-                raise RuntimeError(f"the universal conversion of {self.directory / tag} (saved on "
-                                   f"{self.saved_world_size(tag)} ranks, resumed on {self.world_size}) failed: "
-                                   f"{why[0]}")
-            shutil.copy(self.directory / tag / MANIFEST, staging / MANIFEST)
-            shutil.rmtree(target, ignore_errors=True)
-            os.rename(staging, target)
-            fsync_dir(self.directory)
+        if self.rank == 0 and not (self.directory / universal / MANIFEST).is_file():
+            convert_to_universal(self.directory, tag, self.world_size)
         dist.barrier()
         return universal
 

@@ -3,10 +3,13 @@ which both launchers export: gloo on CPU, nccl on GPUs."""
 import os
 import random
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from pretrain.config import DistributedConfig
 
 
 @dataclass(frozen=True)
@@ -21,7 +24,8 @@ class World:
         return self.rank == 0
 
 
-def init_distributed() -> World:
+def init_distributed(timeout_s: float = DistributedConfig.timeout_s) -> World:
+    """The process group, whose collectives give up on a silent peer after `timeout_s` (distributed.timeout_s)."""
     import deepspeed
 
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -34,7 +38,8 @@ def init_distributed() -> World:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
-    deepspeed.init_distributed("nccl" if device.type == "cuda" else "gloo", verbose=False)
+    deepspeed.init_distributed("nccl" if device.type == "cuda" else "gloo", verbose=False,
+                               timeout=timedelta(seconds=timeout_s))
     return World(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
@@ -84,12 +89,16 @@ def shutdown():
 def abort():
     """The end of a failing rank: no collective (a peer may be dead, or blocked in one of its own). Gloo peers see the
     connections close and fail at once; NCCL peers are ended by the launcher (srun --kill-on-bad-exit, the local
-    launcher's SIGTERM then SIGKILL). The rank's own child processes are ended too (see end_child_processes)."""
+    launcher's SIGTERM then SIGKILL); NCCL's communicators are aborted, not destroyed. The rank's own child processes are
+    ended too (see end_child_processes)."""
     end_child_processes()
     if not dist.is_initialized():
         return
     try:
-        dist.destroy_process_group()
+        if dist.get_backend() == "nccl":  # destroy_process_group would wait on the in-flight collectives; abort does not
+            dist.distributed_c10d._abort_process_group()
+        else:
+            dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - the error being raised is the one to report, not a teardown failure after it
         pass
 

@@ -1,6 +1,8 @@
 """The training loop of one stage. Every concern lives in its own module; this file only wires them together:
 config -> distributed world -> task (model, loss, eval) -> DeepSpeed engine -> data -> checkpoints -> metrics."""
 import dataclasses
+import math
+import os
 import sys
 import time
 import warnings
@@ -12,7 +14,7 @@ import torch
 from pretrain.config import DTYPES, StageConfig, load_stage_config, save_resolved
 from pretrain.data.stats import NOT_SKIPS, skipped_total
 from pretrain.engine import preemption
-from pretrain.engine.checkpoint import CheckpointManager
+from pretrain.engine.checkpoint import CheckpointManager, convert_for_resume
 from pretrain.engine.distributed import (World, abort, any_rank, init_distributed, mean_over_ranks, seed_everything,
                                          shutdown, sum_counts_over_ranks)
 from pretrain.engine.ema import PartitionedEMA
@@ -21,13 +23,17 @@ from pretrain.engine.optim import deepspeed_config, param_groups, peak_lr, sched
 from pretrain.engine.tasks import build_task
 from pretrain.engine.weights import load_backbone
 from pretrain.fileio import atomic_write_json
+from pretrain.progress import Progress
 
 def run_stage(config_path: str, overrides: list[str] = ()) -> dict:
     """Run (or resume) one stage in this process, one rank of the job described by the env:// variables."""
     # torch 2.14 deprecates the collectives DeepSpeed and open_clip call; the warning would repeat on every log step.
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*(torch\.distributed|all_gather).*deprecated")
     cfg = load_stage_config(config_path, overrides)
-    world = init_distributed()
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    Progress(cfg.run_dir, rank, allowance_s=math.inf).beat(0, "convert")  # as long as it takes: no peer waits on it
+    convert_for_resume(cfg.checkpoint_dir, rank, world_size)
+    world = init_distributed(cfg.distributed.timeout_s)
     try:
         result = Trainer(cfg, world).fit()
     except BaseException:
@@ -67,6 +73,8 @@ class Trainer:
         if world.is_main:
             save_resolved(cfg, self.run_dir / "config.yaml")
         preemption.install_handlers()
+        self.progress = Progress(self.run_dir, world.rank, cfg.distributed.timeout_s)
+        self.progress.beat(0, "start")
         self.task = build_task(cfg, world)
         self.dtype = DTYPES[cfg.precision]
         self.checkpoints = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep, world.rank, world.size,
@@ -141,6 +149,7 @@ class Trainer:
                     self._save()
                     metrics.event("preempted", step=self.step)
                     return {"status": "preempted", "metrics": {"step": self.step}}
+                self.progress.beat(self.step, "step")
                 window.add(self._train_step(batches))
                 self.step += 1
                 metrics.advance()
@@ -200,6 +209,7 @@ class Trainer:
     # -- checkpoints and evaluation
 
     def _save(self):
+        self.progress.beat(self.step, "save")
         self.checkpoints.save(self.engine, self.step, {name: part.state_dict() for name, part in self.stateful.items()})
 
     def evaluate(self) -> dict:
@@ -207,6 +217,7 @@ class Trainer:
 
         if self.cfg.data.val is None and self.cfg.data.demo_root is None:
             return {}
+        self.progress.beat(self.step, "evaluate")
         data = dataclasses.replace(self.cfg.data, task=self.task.eval_samples)
         loader = build_eval_loader(data, rank=self.world.rank, world_size=self.world.size,
                                    batch_size=self.cfg.batch_size)
