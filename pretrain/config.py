@@ -2,6 +2,7 @@
 all derived. Layered as: dataclass defaults -> YAML file -> dotted command-line overrides; the resolved config is
 written into the run directory.
 """
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -10,6 +11,7 @@ import torch
 import yaml
 
 from pretrain.data.config import DataConfig
+from pretrain.data.epoch_size import disagreement, epoch_samples
 from pretrain.models import image_size_multiple
 from pretrain.fileio import atomic_write_text
 from pretrain.typed_config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
@@ -254,6 +256,8 @@ class StageConfig:
             raise ConfigError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.eval.ema and self.ema_decay is None:
             raise ConfigError("eval.ema needs ema_decay")
+        if self.task == "classification":
+            self.data.num_classes = self.num_classes
         multiple = image_size_multiple(self.model.name, self.model.arguments())
         if self.data.image_size % multiple:
             raise ConfigError(f"data.image_size ({self.data.image_size}) must be a multiple of {multiple} for "
@@ -264,8 +268,12 @@ class StageConfig:
             if self.max_steps is None:
                 raise ConfigError("set max_steps, or epochs (with global_batch and data.samples_per_epoch)")
             return
-        if not (self.global_batch and self.data.samples_per_epoch):
-            raise ConfigError("epochs and warmup_epochs need global_batch and data.samples_per_epoch")
+        if not self.global_batch:
+            raise ConfigError("epochs and warmup_epochs need global_batch")
+        try:
+            self.data.samples_per_epoch = epoch_samples(self.data)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"epochs and warmup_epochs need the epoch's length: {error}") from None
         steps_per_epoch = self.data.samples_per_epoch // self.global_batch
         if self.max_steps is None:
             if self.epochs is None:
@@ -323,6 +331,9 @@ def check_config(path: str | Path, overrides: list[str] = (), pretrained_by_sche
             expand_shards(pattern)
         except (OSError, ValueError) as error:
             raise MissingFile(f"{key}: {error}", cfg) from None
+    warning = disagreement(cfg.data)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     return cfg
 
 

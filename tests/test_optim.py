@@ -128,7 +128,7 @@ def test_steps_and_warmup_follow_from_epochs_and_the_global_batch():
     assert load_stage_config(PRETRAIN_H, ["max_steps=8"]).max_steps == 8  # a given max_steps wins: smoke tests
     with pytest.raises(ConfigError, match=r"optim.warmup_steps \(10\) disagrees with warmup_epochs \(1.0 = 13031"):
         load_stage_config(PRETRAIN_H, ["optim.warmup_steps=10"])
-    with pytest.raises(ConfigError, match="need global_batch and data.samples_per_epoch"):
+    with pytest.raises(ConfigError, match="epochs and warmup_epochs need global_batch"):
         load_stage_config(PRETRAIN_H, ["global_batch=null"])
 
 

@@ -87,3 +87,43 @@ def test_max_steps_with_epoch_settings_scales_the_schedule_warm_up_included(caps
     assert ("stage in1k: 32 ranks x batch 16 x accumulation 1 = global batch 512; 100 steps (51,200 samples) = 20 "
             "epochs scaled to max_steps, warm-up with them; peak lr 2e-05 (optim.lr 2e-05 per 512), warm-up 10 "
             "steps") in out
+
+
+def test_samples_per_epoch_null_reads_the_stats_files_and_a_wrong_one_is_a_warning_with_both_numbers(tmp_path,
+                                                                                                      capsys):
+    from pretrain.config import check_config
+    from production_data import img2dataset_source
+
+    img2dataset_source(tmp_path / "laion", shards=2, per_shard=3)
+    img2dataset_source(tmp_path / "cc12m", shards=1, per_shard=4)
+    stage = tmp_path / "stage.yaml"
+    stage.write_text((H / "pretrain_laion_yfcc_cc12m.yaml").read_text().split("data:")[0] + f"""data:
+  train:
+    - {{shards: "{tmp_path}/laion/{{00000..00001}}.tar", weight: 2}}
+    - {{shards: "{tmp_path}/cc12m/00000.tar"}}
+  samples_per_epoch: null
+""")
+    cfg = check_config(stage, ["global_batch=2", "batch_size=1"])
+    assert cfg.data.samples_per_epoch == 10 and cfg.max_steps == 30 * 5  # 10 // 2 steps per epoch
+    assert "warning" not in capsys.readouterr().err
+    check_config(stage, ["global_batch=2", "batch_size=1", "data.samples_per_epoch=427000000"])
+    assert capsys.readouterr().err.strip() == ("warning: data.samples_per_epoch is 427,000,000 but the shards' "
+                                              "sizes.json/*_stats.json count 10 samples")
+    (tmp_path / "cc12m/00000_stats.json").unlink()
+    with pytest.raises(ConfigError, match=r"epochs and warmup_epochs need the epoch's length: data.samples_per_epoch "
+                                          rf"is null and shard {tmp_path}/cc12m/00000.tar has no size"):
+        check_config(stage, ["global_batch=2", "batch_size=1"])
+
+
+def test_a_label_outside_num_classes_stops_at_its_sample_naming_num_classes_shard_and_key(tmp_path):
+    from pretrain.data import build_eval_loader
+    from production_data import classification_shards
+
+    classification_shards(tmp_path, "val", shards=1, per_shard=4, labels=lambda n: 21838 + n, digits_width=4)
+    cfg = load_stage_config(H / "in22k_384.yaml", [f"data.train=[{{shards: {tmp_path}/val-0000.tar}}]",
+                                                  f"data.val={tmp_path}/val-0000.tar", "data.workers=0",
+                                                  "data.image_size=32"]).data
+    assert cfg.num_classes == 21841
+    with pytest.raises(ValueError) as error:
+        list(build_eval_loader(cfg, rank=0, world_size=1, batch_size=2))
+    assert str(error.value) == f"label 21841 is outside num_classes 21841: shard {tmp_path}/val-0000.tar, key val0000_0003"

@@ -121,6 +121,9 @@ class DataConfig:
     workers: int = 4
     """DataLoader worker processes per rank."""
     image_size: int = 224
+    num_classes: int | None = None
+    """Labels must be below it (classification; the stage sets it from its num_classes): a label outside stops the
+    run at its first sample, naming the shard and key, rather than a device-side assert."""
     context_length: int = 77
     """Caption length in tokens (CLIP BPE)."""
     shuffle_buffer: int = 5000

@@ -22,6 +22,10 @@ WANTED_MEMBERS = frozenset(IMAGE_EXTENSIONS + ("txt", "cls"))
 NO_LABEL = -1  # image-text evaluation samples without KEY.cls
 
 
+class LabelOutOfRange(ValueError):
+    """Not a skip: a label past num_classes means the shards and the config disagree, which no skip can mend."""
+
+
 class Skip(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
@@ -78,11 +82,14 @@ def read_caption(sample: dict, max_chars: int) -> tuple[str, bool]:
     return caption[:max_chars], len(caption) > max_chars
 
 
-def read_label(sample: dict) -> int:
+def read_label(sample: dict, num_classes: int | None = None) -> int:
     try:
-        return int(sample["cls"].decode("ascii").strip())
+        label = int(sample["cls"].decode("ascii").strip())
     except (KeyError, UnicodeDecodeError, ValueError) as error:
         raise Skip(stats.BAD_LABEL) from error
+    if num_classes is not None and not 0 <= label < num_classes:
+        raise LabelOutOfRange(f"label {label} is outside num_classes {num_classes}")
+    return label
 
 
 class SampleDecoder:
@@ -90,8 +97,9 @@ class SampleDecoder:
     A kept sample that was altered lists why under "__altered__" (reasons from stats.NOT_SKIPS)."""
 
     def __init__(self, task: str, transform, tokenizer=None, optional_label: bool = False, uses_numpy: bool = False,
-                 limits: Limits | None = None):
+                 limits: Limits | None = None, num_classes: int | None = None):
         self.task = task
+        self.num_classes = num_classes
         self.transform = transform
         self.tokenizer = tokenizer
         self.optional_label = optional_label  # image-text evaluation keeps KEY.cls when present, for zero-shot
@@ -109,7 +117,7 @@ class SampleDecoder:
             if self.optional_label:
                 out["label"] = read_label(sample) if "cls" in sample else NO_LABEL
         else:
-            out["label"] = read_label(sample)
+            out["label"] = read_label(sample, self.num_classes)
         image = read_image(sample, self.limits.image_pixels)
         with seeded_global_rngs(seed, self.uses_numpy):
             out["image"] = self.transform(image)

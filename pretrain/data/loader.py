@@ -47,8 +47,9 @@ def make_decoder(cfg: DataConfig, train: bool) -> SampleDecoder:
     tokenizer = get_tokenizer(cfg.context_length) if cfg.task == "image-text" else None
     if train:
         return SampleDecoder(cfg.task, train_transform(cfg), tokenizer, uses_numpy=bool(cfg.augment.randaugment),
-                             limits=cfg.limits)
-    return SampleDecoder(cfg.task, eval_transform(cfg), tokenizer, optional_label=True, limits=cfg.limits)
+                             limits=cfg.limits, num_classes=cfg.num_classes)
+    return SampleDecoder(cfg.task, eval_transform(cfg), tokenizer, optional_label=True, limits=cfg.limits,
+                         num_classes=cfg.num_classes)
 
 
 def ignore_stop_signals(_worker_id: int):

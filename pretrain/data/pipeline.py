@@ -8,7 +8,7 @@ import webdataset as wds
 
 from pretrain.data import shards
 from pretrain.data.config import Limits
-from pretrain.data.decode import Skip, SampleDecoder, collate
+from pretrain.data.decode import LabelOutOfRange, Skip, SampleDecoder, collate
 from pretrain.data.rng import derive_seed
 from pretrain.data.stats import SkipCounter
 from pretrain.data.tars import ShardFailures, read_tars
@@ -45,6 +45,8 @@ def decode(samples: Iterable[dict], decoder: SampleDecoder, seed: int, counter: 
     for sample in samples:
         try:
             decoded = decoder(sample, derive_seed(seed, sample.get("__index__", 0)))
+        except LabelOutOfRange as error:
+            raise ValueError(f"{error}: shard {sample['__url__']}, key {sample['__key__']}") from None
         except Skip as skip:
             counter.skip(skip.reason, f"{sample['__url__']}:{sample['__key__']}", skip.__cause__)
             in_a_row += 1

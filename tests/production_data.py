@@ -1,0 +1,61 @@
+"""Data in the production formats, written by the tests: img2dataset-style image-text sources ({00000..N}.tar of
+KEY.jpg + KEY.txt + KEY.json, with 0000N_stats.json beside each shard), ImageNet-22K- and ImageNet-1K-style
+classification shards (KEY.jpg + KEY.cls). The images are real photographs' stand-ins: scikit-learn's bundled
+handwritten digits, upscaled and saved as JPEGs (no download)."""
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+
+def _digits() -> np.ndarray:
+    from sklearn.datasets import load_digits
+
+    return load_digits().images
+
+
+def jpeg(pixels: np.ndarray, size: int = 48) -> bytes:
+    image = Image.fromarray(np.uint8(pixels * (255 / 16))).resize((size, size), Image.BILINEAR).convert("RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _write_tar(path: Path, samples: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(path), mtime=0) as tar:
+        for sample in samples:
+            tar.write(sample)
+
+
+def img2dataset_source(folder: Path, shards: int, per_shard: int, captions: bool = True, offset: int = 0) -> None:
+    """{00000..}.tar with img2dataset's members and 0000N_stats.json (its "successes" is the shard's sample count)."""
+    digits = _digits()
+    for shard in range(shards):
+        samples = []
+        for index in range(per_shard):
+            n = offset + shard * per_shard + index
+            key = f"{shard:05d}{index:04d}"
+            sample = {"__key__": key, "jpg": jpeg(digits[n % len(digits)]),
+                      "json": json.dumps({"key": key, "status": "success"}).encode()}
+            if captions:
+                sample["txt"] = f"a handwritten digit, picture {n}".encode()
+            samples.append(sample)
+        _write_tar(folder / f"{shard:05d}.tar", samples)
+        stats = {"count": per_shard, "successes": per_shard, "failed_to_download": 0, "failed_to_resize": 0}
+        (folder / f"{shard:05d}_stats.json").write_text(json.dumps(stats))
+
+
+def classification_shards(folder: Path, prefix: str, shards: int, per_shard: int, labels, digits_width: int) -> None:
+    """PREFIX-{0..0}.tar (digits_width digits) of KEY.jpg + KEY.cls; labels(n) gives sample n's class."""
+    digits = _digits()
+    for shard in range(shards):
+        samples = []
+        for index in range(per_shard):
+            n = shard * per_shard + index
+            samples.append({"__key__": f"{prefix}{shard:04d}_{index:04d}", "jpg": jpeg(digits[n % len(digits)]),
+                            "cls": str(labels(n)).encode()})
+        _write_tar(folder / f"{prefix}-{shard:0{digits_width}d}.tar", samples)
