@@ -4,6 +4,7 @@ import io
 import itertools
 import json
 import pathlib
+import os
 import pickle
 
 import numpy as np
@@ -251,3 +252,17 @@ def test_a_stream_of_nothing_but_bad_samples_is_an_error(broken_shards, monkeypa
                                    samples_per_epoch=8)
     with pytest.raises(RuntimeError, match="unusable"):
         next(iter(build_train_loader(no_labels, rank=0, world_size=1, batch_size=2, seed=0)))
+
+
+def test_start_up_stats_a_bounded_spread_of_the_shards(tmp_path, monkeypatch):
+    for i in range(1000):
+        (tmp_path / f"{i:04d}.tar").touch()
+    checked = []
+    real_isfile = os.path.isfile
+    monkeypatch.setattr(os.path, "isfile", lambda path: checked.append(path) or real_isfile(path))
+    from pretrain.data.shards import expand_shards
+
+    assert len(expand_shards(str(tmp_path / "{0000..0999}.tar"))) == 1000
+    assert len(checked) == 64 and checked[0].endswith("0000.tar") and checked[-1].endswith("0999.tar")
+    with pytest.raises(FileNotFoundError, match="1000.tar"):
+        expand_shards(str(tmp_path / "{0000..1000}.tar"))  # a pattern past the last shard: its last path is checked
