@@ -205,3 +205,20 @@ def test_backend_errors():
     if "cuda" in available_backends():
         with pytest.raises(ValueError, match="needs cuda tensors"):
             dcnv3(*arguments, backend="cuda")
+
+
+def test_cuda_tensor_without_the_cuda_kernel_is_an_error_naming_the_import_error(monkeypatch):
+    """A GPU run without the built kernel must stop, not fall back to the 7-10x slower reference; the tensor is a
+    stand-in with a CUDA device, as the choice reads only device and dtype."""
+    from types import SimpleNamespace
+
+    from pretrain.ops import _choose_backend, kernels
+
+    monkeypatch.setitem(kernels.EXTENSIONS, "cuda", None)
+    monkeypatch.setitem(kernels.LOAD_ERRORS, "_dcnv3_cuda", ImportError("undefined symbol: _ZN3c10abi"))
+    cuda_tensor = SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"did not load \(_dcnv3_cuda: undefined symbol: _ZN3c10abi\).*pip install"):
+        _choose_backend(cuda_tensor, None)
+    assert _choose_backend(cuda_tensor, "reference") == "reference"
+    with pytest.raises(ValueError, match="undefined symbol"):
+        _choose_backend(cuda_tensor, "cuda")

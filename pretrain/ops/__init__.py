@@ -1,14 +1,15 @@
 """The DCNv3 operator: one entry point over three backends.
 
 'cuda' and 'cpu' are the fused kernels in csrc/dcnv3 (built by setup.py), 'reference' is the pure-PyTorch definition in
-reference.py. With backend=None the fastest backend that handles the tensors' device and dtype runs. Arguments follow the
+reference.py. With backend=None the fastest backend that handles the tensors' device and dtype runs, except that CUDA
+tensors without the CUDA kernel are an error naming why it did not load (the reference only by name). Arguments follow the
 public release's order, so code written against it ports unchanged; semantics are in the reference.
 """
 import contextlib
 
 import torch
 
-from pretrain.ops.kernels import EXTENSIONS, KERNEL_DTYPES, dcnv3_kernel
+from pretrain.ops.kernels import EXTENSIONS, KERNEL_DTYPES, dcnv3_kernel, not_loaded_reason
 from pretrain.ops.reference import dcnv3_reference, output_size
 
 BACKENDS = ("cuda", "cpu", "reference")
@@ -72,13 +73,15 @@ def _choose_backend(input: torch.Tensor, backend: str | None) -> str:
     if backend is None:
         if device == "meta":  # tracing: the kernels' fake implementation gives the shapes
             return "cpu"
+        if device == "cuda" and EXTENSIONS["cuda"] is None:  # the reference on a GPU is 7-10x slower: never silently
+            raise RuntimeError(f"{not_loaded_reason('cuda')}; or pass backend='reference' to run the slow reference")
         return device if device in KERNEL_DTYPES and _kernel_handles(device, input) else "reference"
     if backend not in BACKENDS:
         raise ValueError(f"unknown DCNv3 backend {backend!r}; choose one of {BACKENDS}")
     if backend == "reference":
         return backend
     if EXTENSIONS[backend] is None:
-        raise ValueError(f"the DCNv3 {backend} kernel is not built; available backends: {available_backends()}")
+        raise ValueError(f"{not_loaded_reason(backend)}; available backends: {available_backends()}")
     if device not in (backend, "meta"):
         raise ValueError(f"backend {backend!r} needs {backend} tensors, got tensors on {input.device}")
     if input.dtype not in KERNEL_DTYPES[backend]:

@@ -20,10 +20,18 @@ KERNEL_DTYPES = {
 }
 
 
+BUILD_HINT = "build it with `pip install --no-build-isolation -e .` where nvcc is on PATH (docs/gpu_check.md)"
+
+# Why each extension that is not loaded did not load (never built, an ABI or CUDA mismatch): kept so that the error
+# a tensor meets later names the cause instead of a bare "not built".
+LOAD_ERRORS: dict[str, ImportError] = {}
+
+
 def _import_extension(name: str) -> ModuleType | None:
     try:
         return importlib.import_module(f"pretrain.{name}")
-    except ImportError:  # not built (e.g. a plain checkout without `pip install -e .`)
+    except ImportError as error:
+        LOAD_ERRORS[name] = error
         return None
 
 
@@ -36,10 +44,17 @@ def _import_cpu_extension() -> ModuleType | None:
 EXTENSIONS = {"cpu": _import_cpu_extension(), "cuda": _import_extension("_dcnv3_cuda")}
 
 
+def not_loaded_reason(device_type: str) -> str:
+    """One line: why the `device_type` kernel is not loaded, and how to build it."""
+    names = ("_dcnv3_cpu_avx2", "_dcnv3_cpu") if device_type == "cpu" else (f"_dcnv3_{device_type}",)
+    causes = "; ".join(f"{name}: {LOAD_ERRORS[name]}" for name in names if name in LOAD_ERRORS) or "no extension"
+    return f"the DCNv3 {device_type} kernel did not load ({causes}); {BUILD_HINT}"
+
+
 def _extension(device: torch.device) -> ModuleType:
     extension = EXTENSIONS.get(device.type)
     if extension is None:
-        raise RuntimeError(f"the DCNv3 {device.type} kernel is not built; run `pip install --no-build-isolation -e .`")
+        raise RuntimeError(not_loaded_reason(device.type))
     return extension
 
 
