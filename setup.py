@@ -56,7 +56,8 @@ def dcnv3_extensions() -> list:
                                        include_dirs=include, extra_compile_args=CPU_FLAGS + ["-march=x86-64-v3"],
                                        extra_link_args=["-fopenmp"]))
     if torch.version.cuda and nvcc_home:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        # PTX for the newest arch: GPUs newer than 9.0 JIT it at load instead of finding no kernel image.
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         sources = [str(DCNV3_SOURCES / name) for name in ("dcnv3_cuda.cu", "dcnv3_cuda_bind.cpp")]
         extensions.append(CUDAExtension(
             "pretrain._dcnv3_cuda", sources, include_dirs=include,

@@ -170,6 +170,7 @@ class LoggingConfig:
     """Write metrics.jsonl / TensorBoard every this many steps."""
     tensorboard: bool = True
     progress_bar: bool = True
+    """A tqdm bar on rank 0, drawn only when stderr is a terminal."""
     peak_tflops: float | None = None
     """Peak TFLOP/s of one device for the MFU estimate; None: looked up for known GPUs, else MFU is not reported."""
     wandb: bool = False

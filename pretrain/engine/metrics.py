@@ -2,6 +2,7 @@
 scalars, optionally Weights & Biases (wandb_log.py), a rank-0 progress bar with ETA, peak memory per rank, throughput and an MFU estimate."""
 import json
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -62,7 +63,7 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-        if progress_bar:
+        if progress_bar and sys.stderr.isatty():  # a bar redrawn into a SLURM log file is thousands of lines
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc=Path(run_dir).name, unit="step",
