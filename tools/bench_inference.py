@@ -7,7 +7,7 @@ fused kernel: torch.compile (inductor's CPU backend), dynamic int8 Linear layers
     OMP_NUM_THREADS=2 python tools/bench_inference.py --models internimage_t --batches 1 --extras
 
 Random weights: speed does not depend on them; the int8 row's output change is measured on them against fp32.
-Each figure is the median of --repeats timed forwards after --warmup untimed ones.
+Each figure is the median of --repeats timed forwards after --warmup untimed ones, the paths taking turns.
 """
 import argparse
 import json
@@ -24,16 +24,29 @@ from pretrain.models import create_model
 from pretrain.ops import default_backend
 
 
-def median_ms(run, images, warmup: int, repeats: int) -> float:
+def time_paths(runners: dict, images, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """ms per image of each path, `repeats` times; the paths take turns within each repeat, so a load that drifts
+    over the run (a shared machine) slows them alike and their ratios hold."""
+    times = {path: [] for path in runners}
     with torch.inference_mode():
-        for _ in range(warmup):
-            run(images)
-        times = []
+        for run in runners.values():
+            for _ in range(warmup):
+                run(images)
         for _ in range(repeats):
-            start = time.perf_counter()
-            run(images)
-            times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times) / len(images)
+            for path, run in runners.items():
+                start = time.perf_counter()
+                run(images)
+                times[path].append(1000 * (time.perf_counter() - start) / len(images))
+    return times
+
+
+def summary(times: dict[str, list[float]], baseline: str = "reference") -> dict:
+    """Median ms per image of each path, and the median over repeats of each path's speed-up over the baseline."""
+    row = {path: round(statistics.median(t), 1) for path, t in times.items()}
+    for path, t in times.items():
+        if path != baseline:
+            row[f"{path}_speedup"] = round(statistics.median(b / x for b, x in zip(times[baseline], t)), 2)
+    return row
 
 
 def on_backend(model: nn.Module, backend: str):
@@ -63,16 +76,10 @@ def output_change(model: nn.Module, changed: nn.Module, size: int) -> dict:
             "top1_agreement": float((got.argmax(-1) == expected.argmax(-1)).float().mean())}
 
 
-def extras(model: nn.Module, images: torch.Tensor, args) -> list[dict]:
-    rows = []
-    compiled = torch.compile(model)
-    rows.append({"path": "fused + torch.compile", "ms_per_image": median_ms(compiled, images, args.warmup + 2,
-                                                                            args.repeats)})
+def extra_runners(model: nn.Module) -> dict:
+    """The rest of the model, on top of the fused kernel: inductor's CPU code, and int8 Linear layers (fbgemm)."""
     int8 = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
-    rows.append({"path": "fused + int8 dynamic Linear", "ms_per_image": median_ms(int8, images, args.warmup,
-                                                                                  args.repeats),
-                 **output_change(model, int8, images.shape[-1])})
-    return rows
+    return {"fused+compile": on_backend(torch.compile(model), "cpu"), "fused+int8": on_backend(int8, "cpu")}, int8
 
 
 def main():
@@ -95,19 +102,18 @@ def main():
         for name in args.models:
             torch.manual_seed(0)
             model = create_model(name).eval()
-            runners = {"fused": on_backend(model, "cpu"), "reference": on_backend(model, "reference"),
+            runners = {"reference": on_backend(model, "reference"), "fused": on_backend(model, "cpu"),
                        "onnxruntime": onnxruntime_runner(model, size, args.threads, Path(tmp))}
             for batch in args.batches:
-                images = torch.randn(batch, 3, size, size)
-                row = {"model": name, "batch": batch}
-                row.update({path: round(median_ms(run, images, args.warmup, args.repeats), 1)
-                            for path, run in runners.items()})
-                row["fused_speedup"] = round(row["reference"] / row["fused"], 2)
-                print(json.dumps(row), flush=True)
+                paths, int8 = dict(runners), None
                 if args.extras and name == args.models[0] and batch == 1:
-                    for extra in extras(model, images, args):
-                        extra["speedup_vs_reference"] = round(row["reference"] / extra["ms_per_image"], 2)
-                        print(json.dumps({"model": name, "batch": batch, **extra}), flush=True)
+                    extras, int8 = extra_runners(model)
+                    paths.update(extras)
+                times = time_paths(paths, torch.randn(batch, 3, size, size), args.warmup, args.repeats)
+                row = {"model": name, "batch": batch, **summary(times)}
+                if int8 is not None:
+                    row["int8_output_change"] = output_change(model, int8, size)
+                print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
