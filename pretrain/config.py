@@ -187,11 +187,22 @@ class LoggingConfig:
 
 
 @dataclass
+class ZeroShotConfig:
+    classes: str = "imagenet1k"
+    """Class names in label order: "imagenet1k" (open_clip's), "demo-digits", or a text file, one name per line."""
+    templates: str = "openai"
+    """Prompt templates: "openai" (CLIP's, from open_clip), "demo-digits", or a text file of "...{}..." lines."""
+
+
+@dataclass
 class EvalConfig:
     every: int | None = None
     """Evaluate every this many steps; None: only at the end."""
     ema: bool = False
     """Evaluate the EMA weights (needs ema_decay)."""
+    zero_shot: ZeroShotConfig | None = None
+    """Image-text stages: zero-shot classification of labelled val shards with these class names; None: retrieval
+    (image->text and text->image recall@1/5/10) on the val shards' captions."""
 
     def __post_init__(self):
         _positive("eval.", every=self.every)

@@ -1,7 +1,8 @@
 """Image-text contrastive pretraining: a CLIP-style dual encoder (InternImage vision tower, open_clip's text
 transformer), symmetric InfoNCE with a learnable temperature, features gathered across ranks with gradients, each rank
 scoring only its own rows against the global batch (open_clip's local loss: memory linear in the batch).
-Metric: zero-shot top-1 on labelled shards, each class scored by its captions' mean embedding."""
+Metrics: zero-shot top-1/top-5 on labelled val shards (class names and prompts from eval.zero_shot, each class scored
+by its prompts' mean embedding), or, with eval.zero_shot null, image<->text retrieval recall@1/5/10."""
 import math
 from contextlib import nullcontext
 
@@ -65,21 +66,74 @@ class ImageTextTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model, loader, dtype):
-        from pretrain.data import get_tokenizer, zero_shot_classes
+        if self.cfg.eval.zero_shot is None:
+            return self._retrieval(model, loader, dtype)
+        return self._zero_shot(model, loader, dtype)
 
-        class_names, templates = zero_shot_classes()
+    def _zero_shot(self, model, loader, dtype):
+        from pretrain.data import get_tokenizer
+        from pretrain.engine.tasks import zero_shot
+
+        spec = self.cfg.eval.zero_shot
+        names, prompts = zero_shot.class_names(spec.classes), zero_shot.templates(spec.templates)
         tokenizer = get_tokenizer(self.cfg.data.context_length)
         device = self.world.device
         classifier = []
-        for name in class_names:
-            tokens = tokenizer([t.format(name) for t in templates]).to(device)
+        for name in names:
+            tokens = tokenizer([prompt(name) for prompt in prompts]).to(device)
             classifier.append(F.normalize(model.encode_text(tokens).float().mean(0), dim=-1))
         classifier = torch.stack(classifier, 1)
-        correct = total = 0
+        counts = {"top1": 0, "top5": 0, "total": 0}
         for batch in lockstep(loader, self.world):
             logits = model.encode_image(batch["image"].to(device, dtype)).float() @ classifier
+            labelled = batch["label"] >= 0  # -1: a sample without KEY.cls
+            if batch["real"] and labelled.any():
+                labels = batch["label"][labelled]
+                top5 = logits.cpu()[labelled].topk(min(5, len(names)), dim=-1).indices
+                counts["top1"] += (top5[:, 0] == labels).sum().item()
+                counts["top5"] += (top5 == labels[:, None]).any(-1).sum().item()
+                counts["total"] += len(labels)
+        counts = sum_over_ranks(counts, device)
+        self._require_samples(counts["total"], "labelled (KEY.cls)")
+        return {"zero_shot_top1": counts["top1"] / counts["total"], "zero_shot_top5": counts["top5"] / counts["total"],
+                "zero_shot_classes": len(names), "eval_samples": int(counts["total"])}
+
+    def _retrieval(self, model, loader, dtype):
+        """Image<->caption recall@1/5/10 over the whole val set, ranked as open_clip's own evaluation ranks them."""
+        from open_clip_train.train import get_clip_metrics
+
+        device = self.world.device
+        images, texts = [], []
+        for batch in lockstep(loader, self.world):
+            image_features, text_features, _ = model(batch["image"].to(device, dtype), batch["text"].to(device))
             if batch["real"]:
-                correct += (logits.argmax(-1).cpu() == batch["label"]).sum().item()
-                total += len(batch["label"])
-        counts = sum_over_ranks({"correct": correct, "total": total}, device)
-        return {"zero_shot_top1": counts["correct"] / max(1, counts["total"]), "eval_samples": int(counts["total"])}
+                images.append(image_features.float().cpu())
+                texts.append(text_features.float().cpu())
+        images, texts = gather_rows(images), gather_rows(texts)
+        self._require_samples(len(images), "image-text")
+        metrics = get_clip_metrics(images, texts, logit_scale=1.0)
+        return {**{f"{direction}_R@{k}": float(metrics[f"{direction}_R@{k}"])
+                   for direction in ("image_to_text", "text_to_image") for k in (1, 5, 10)},
+                "eval_samples": len(images)}
+
+    def _require_samples(self, count, kind):
+        if count == 0:
+            raise EvaluationError(f"no {kind} sample to evaluate in data.val {self.cfg.data.val}"
+                                  + ("" if self.cfg.eval.zero_shot is None else
+                                     "; zero-shot needs labelled val shards (eval.zero_shot: null scores retrieval)"))
+
+
+class EvaluationError(RuntimeError):
+    """Nothing usable was evaluated: reporting 0.0 would pass a broken val set off as an untrained model."""
+
+
+def gather_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Every rank's rows, in rank order, on every rank."""
+    import torch.distributed as dist
+
+    local = torch.cat(parts) if parts else torch.zeros(0)  # cat skips 1-D empties
+    if not dist.is_initialized():
+        return local
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, local)
+    return torch.cat(everyone)
