@@ -62,7 +62,9 @@ class ImageTextTask(Task):
 
     def loss(self, model, batch, dtype):
         image_features, text_features, logit_scale = model(batch["image"].to(dtype), batch["text"])
-        return self.loss_fn(image_features, text_features, logit_scale), {"logit_scale": logit_scale.detach()}
+        # In fp32: bf16 logits over a global batch of thousands lose the small differences the log-softmax ranks by.
+        loss = self.loss_fn(image_features.float(), text_features.float(), logit_scale.float())
+        return loss, {"logit_scale": logit_scale.detach()}
 
     @torch.no_grad()
     def evaluate(self, model, loader, dtype):
