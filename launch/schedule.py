@@ -85,12 +85,14 @@ def _yaml_scalar(value: Any) -> str:
 
 
 def _resolve_path(path: str, base: Path) -> str:
+    """A stage config's path, relative to the schedule file (so a schedule runs from any directory), or else to
+    where the command runs (schedules written with repository-root paths)."""
     p = Path(path)
     if p.is_absolute():
         return str(p)
-    if p.exists():  # relative to where the command runs (the repository root, usually)
-        return str(p.resolve())
-    return str((base / p).resolve())
+    if (base / p).exists() or not p.exists():
+        return str((base / p).resolve())
+    return str(p.resolve())
 
 
 def build_plan(source: str, overrides: list[str], default_runs: str = "runs") -> Plan:

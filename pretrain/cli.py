@@ -10,6 +10,7 @@ import sys
 # (command, module, one-line help). Nested groups ("data check") are their own tables in their modules.
 COMMANDS = [
     ("run", "pretrain.commands.run", "run a stage config or a schedule, locally or on SLURM; resumes from run_dir"),
+    ("rehearse", "pretrain.commands.rehearse", "rehearse a schedule on its real data, model shrunk, before a cluster"),
     ("consolidate", "pretrain.commands.consolidate", "turn a DeepSpeed checkpoint into fp16/bf16/fp32 weights"),
     ("export", "pretrain.commands.export", "export consolidated weights to another format (export onnx)"),
     ("estimate-memory", "pretrain.commands.estimate_memory", "per-GPU memory of a stage config at a given scale"),
@@ -22,6 +23,7 @@ DESCRIPTION = "Pretrain InternImage vision foundation models: image-text pretrai
               "on DeepSpeed ZeRO-3, locally or on SLURM."
 EXAMPLES = """examples:
   pretrain run configs/schedules/demo.yaml --launcher local --nproc 2        # the demo (make demo)
+  pretrain rehearse configs/schedules/internimage_h.yaml                    # before booking the cluster
   pretrain run configs/schedules/internimage_h.yaml --launcher slurm --partition gpu --account proj
   pretrain run configs/demo/pretrain.yaml --launcher local --nproc 2 max_steps=8 run_dir=runs/try
   pretrain estimate-memory configs/internimage_h/in1k_640.yaml --nodes 4 --gpus-per-node 8

@@ -4,6 +4,7 @@ classification shards (KEY.jpg + KEY.cls). The images are real photographs' stan
 handwritten digits, upscaled and saved as JPEGs (no download)."""
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,8 @@ def _write_tar(path: Path, samples: list[dict]) -> None:
             tar.write(sample)
 
 
-def img2dataset_source(folder: Path, shards: int, per_shard: int, captions: bool = True, offset: int = 0) -> None:
+def img2dataset_source(folder: Path, shards: int, per_shard: int, captions: bool = True, offset: int = 0,
+                       name_digits: int = 5) -> None:
     """{00000..}.tar with img2dataset's members and 0000N_stats.json (its "successes" is the shard's sample count)."""
     digits = _digits()
     for shard in range(shards):
@@ -44,9 +46,10 @@ def img2dataset_source(folder: Path, shards: int, per_shard: int, captions: bool
             if captions:
                 sample["txt"] = f"a handwritten digit, picture {n}".encode()
             samples.append(sample)
-        _write_tar(folder / f"{shard:05d}.tar", samples)
+        name = f"{shard:0{name_digits}d}"
+        _write_tar(folder / f"{name}.tar", samples)
         stats = {"count": per_shard, "successes": per_shard, "failed_to_download": 0, "failed_to_resize": 0}
-        (folder / f"{shard:05d}_stats.json").write_text(json.dumps(stats))
+        (folder / f"{name}_stats.json").write_text(json.dumps(stats))
 
 
 def classification_shards(folder: Path, prefix: str, shards: int, per_shard: int, labels, digits_width: int) -> None:
@@ -59,3 +62,39 @@ def classification_shards(folder: Path, prefix: str, shards: int, per_shard: int
             samples.append({"__key__": f"{prefix}{shard:04d}_{index:04d}", "jpg": jpeg(digits[n % len(digits)]),
                             "cls": str(labels(n)).encode()})
         _write_tar(folder / f"{prefix}-{shard:0{digits_width}d}.tar", samples)
+
+
+RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+def few_shards(pattern: str, count: int) -> str:
+    """The pattern with its brace range cut to its first `count` shards, digits kept."""
+    def cut(match):
+        first = match.group(1)
+        return f"{{{first}..{int(first) + count - 1:0{len(first)}d}}}"
+    return RANGE.sub(cut, pattern)
+
+
+def write_production_data(root: Path) -> None:
+    """What the H and G schedules read, in their layouts and names, a few shards of each, under ROOT (for
+    /datasets): laion400m, yfcc15m and cc12m (img2dataset), imagenet22k-wds (labels up to 21840), imagenet1k-wds."""
+    img2dataset_source(root / "laion400m", shards=3, per_shard=6)
+    img2dataset_source(root / "yfcc15m", shards=3, per_shard=6, name_digits=4, offset=100)
+    img2dataset_source(root / "cc12m", shards=3, per_shard=6, name_digits=4, offset=200)
+    classification_shards(root / "imagenet22k-wds", "train", 2, 8, lambda n: (n * 2731) % 21841 if n else 21840, 5)
+    classification_shards(root / "imagenet22k-wds", "val", 2, 8, lambda n: (n * 2731) % 21841, 4)
+    classification_shards(root / "imagenet1k-wds", "train", 2, 8, lambda n: (n * 379) % 1000 if n else 999, 4)
+    classification_shards(root / "imagenet1k-wds", "val", 2, 8, lambda n: (n * 379) % 1000, 4)
+
+
+def production_configs(out: Path, data_root: Path, shards: int = 2) -> Path:
+    """A copy of configs/ in which only the data paths are replaced: /datasets -> data_root, each shard range cut to
+    its first `shards`. Returns the copy's folder (out/configs)."""
+    repo = Path(__file__).resolve().parent.parent
+    for source in (repo / "configs").rglob("*.yaml"):
+        target = out / "configs" / source.relative_to(repo / "configs")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        text = source.read_text()
+        text = re.sub(r'"/datasets/([^"]+)"', lambda m: f'"{data_root}/{few_shards(m.group(1), shards)}"', text)
+        target.write_text(text)
+    return out / "configs"

@@ -45,7 +45,7 @@ def test_production_schedules_fit_80gb_gpus(schedule):
 
     stages = yaml.safe_load((REPO / f"configs/schedules/{schedule}.yaml").read_text())["stages"]
     for stage in stages:
-        cfg = load_stage_config(REPO / stage["config"])
+        cfg = load_stage_config(REPO / "configs/schedules" / stage["config"])
         devices = stage["slurm"]["nodes"] * stage["slurm"]["gpus_per_node"]
         assert cfg.batch_size * devices * cfg.optim.grad_accumulation == cfg.global_batch  # what the config declares
         assert cfg.global_batch == (32768 if cfg.task == "image-text" else 512)  # contrastive scale / the release's

@@ -1,0 +1,126 @@
+"""`pretrain rehearse`: every stage of a schedule on its own data paths, the model shrunk to a tiny one of the same
+style, a few steps per stage with a save, a bounded evaluation, each stage's export and the hand-off to the next, on
+this machine's local launcher. The data each stage names is checked first (pretrain/preflight.py). The record goes to
+RUN_DIR/rehearsal.json, RUN_DIR a `-rehearsal` sibling of the schedule's own run_dir unless run_dir= names one."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from launch.local import run_plan
+from launch.schedule import Plan, build_plan, read_result
+from launch.worker import DEFAULT_ENGINE
+from pretrain.fileio import atomic_write_json
+
+SMALLEST_IMAGE = 32  # the smallest side every InternImage takes (H/G need a multiple of 32)
+MICRO_BATCH = 2
+
+
+def shrink(model_name: str, nproc: int, steps: int) -> list[str]:
+    """Overrides for a tiny model of the same style (residual form, head and DCNv3 options, num_classes kept), the
+    smallest image, a one-layer text tower and a global batch the ranks give, a few steps with a save half-way."""
+    from pretrain.models.internimage import MODEL_CONFIGS
+
+    overrides = ["model.args.channels=16", "model.args.depths=[1,1,1,1]", "model.args.groups=[1,2,4,8]",
+                 f"data.image_size={SMALLEST_IMAGE}", "data.workers=0", "text.width=32", "text.layers=1",
+                 "text.heads=2", f"batch_size={MICRO_BATCH}", f"global_batch={MICRO_BATCH * nproc}",
+                 "optim.grad_accumulation=1", f"max_steps={steps}", f"checkpoint.every={max(1, steps // 2)}",
+                 "logging.every=1", "logging.tensorboard=false", "logging.progress_bar=false"]
+    if MODEL_CONFIGS[model_name].get("level2_post_norm_block_ids"):
+        overrides.append("model.args.level2_post_norm_block_ids=[0]")  # the one block of the shrunk stage 3
+    return overrides
+
+
+def rehearsal_plan(source: str, overrides: list[str], nproc: int, steps: int) -> Plan:
+    """The schedule's plan with every stage shrunk (each keeps its own model family) and its val set bounded to
+    one shard, in the rehearsal's run directory."""
+    from pretrain.config import load_stage_config
+    from pretrain.data.shards import expand_shards
+
+    plan = build_plan(source, overrides)
+    if not any(o.startswith("run_dir=") for o in overrides):
+        plan = build_plan(source, overrides + [f"run_dir={plan.run_dir}-rehearsal"])
+    for stage in plan.stages:
+        cfg = load_stage_config(stage.config, stage.overrides)
+        bounded_val = [f"data.val={expand_shards(cfg.data.val)[0]}"] if cfg.data.val else []
+        stage.overrides[:0] = shrink(cfg.model.name, nproc, steps) + bounded_val  # the user's overrides win
+    return plan
+
+
+def zero_shot_class_count(cfg) -> int | None:
+    """How many classes the image-text stage's zero-shot evaluation scores (None for classification)."""
+    if cfg.task != "image-text":
+        return None
+    from pretrain.data import zero_shot_classes
+
+    return len(zero_shot_classes()[0])
+
+
+def check_stages(plan: Plan, nproc: int) -> tuple[list[str], list[str]]:
+    """Problems (each fails the rehearsal) and warnings, from every stage's config and data, before anything runs."""
+    from pretrain.config import check_config
+    from pretrain.data.epoch_size import disagreement
+    from pretrain.engine.optim import global_batch
+    from pretrain.preflight import check_stage
+
+    problems, warnings = [], []
+    for stage in plan.stages:
+        try:
+            cfg = check_config(stage.config, stage.overrides, stage.pretrained_from is not None)
+            global_batch(cfg, nproc)
+        except (OSError, ValueError) as error:
+            problems.append(f"stage {stage.name} ({stage.config}): {error}")
+            continue
+        problems += check_stage(stage.name, cfg, zero_shot_class_count(cfg))
+        warning = disagreement(cfg.data)
+        if warning:
+            warnings.append(f"stage {stage.name}: {warning}")
+    return problems, warnings
+
+
+def export_last(plan: Plan, log) -> None:
+    """Each stage's export is made by the next one's hand-off; the last stage's, here."""
+    from launch.schedule import StagePlan, ensure_export
+    from pretrain.engine.consolidate import consolidate
+
+    last = plan.stages[-1]
+    ensure_export(StagePlan("export", last.config, [], last.run_dir, pretrained_from=last.run_dir), consolidate)
+    log(f"[{last.name}] exported to {last.export_dir}")
+
+
+def rehearse(source: str, overrides: list[str], nproc: int, steps: int, engine: str = DEFAULT_ENGINE,
+             log=print) -> int:
+    """0 when every check and every stage passed; the record in RUN_DIR/rehearsal.json either way."""
+    plan = rehearsal_plan(source, overrides, nproc, steps)
+    problems, warnings = check_stages(plan, nproc)
+    record = {"schedule": plan.source, "run_dir": plan.run_dir, "nproc": nproc, "steps": steps,
+              "problems": problems, "warnings": warnings, "stages": {}}
+    for stage in plan.stages if not problems else []:
+        start = time.monotonic()
+        code = run_plan(Plan(plan.source, plan.run_dir, [stage], True), nproc, engine, log)
+        if code == 0 and stage is plan.stages[-1]:
+            export_last(plan, log)
+        result = read_result(stage)
+        record["stages"][stage.name] = {"status": "passed" if code == 0 else f"failed (exit {code})",
+                                        "seconds": round(time.monotonic() - start, 1), "result": result}
+        if code:
+            problems.append(f"stage {stage.name}: failed (exit status {code}); its log is above")
+            break
+    record["passed"] = not problems
+    Path(plan.run_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(Path(plan.run_dir) / "rehearsal.json", record)
+    print(table(plan, record), flush=True)
+    for line in problems:
+        print(f"rehearsal: {line}", file=sys.stderr, flush=True)
+    return 0 if record["passed"] else 1
+
+
+def table(plan: Plan, record: dict) -> str:
+    rows = [f"rehearsal of {plan.source} in {plan.run_dir}: {'PASSED' if record['passed'] else 'FAILED'}",
+            f"{'stage':<12} {'status':<16} {'seconds':>8}  headline"]
+    for stage in plan.stages:
+        entry = record["stages"].get(stage.name, {"status": "not run", "seconds": 0, "result": None})
+        headline = (entry["result"] or {}).get("headline", {})
+        rows.append(f"{stage.name:<12} {entry['status']:<16} {entry['seconds']:>8}  {headline}")
+    return "\n".join(rows)
