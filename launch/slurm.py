@@ -302,7 +302,7 @@ def _stream_metrics(item: Submitted, log: Callable[[str], None]) -> None:
             log(f"[{item.stage.name}] {rec['event']} at step {rec.get('step')}")
         else:
             fields = " ".join(f"{k}={rec[k]:.4g}" if isinstance(rec[k], float) else f"{k}={rec[k]}"
-                              for k in ("step", "loss", "lr", "samples_per_s") if k in rec)
+                              for k in ("step", "loss", "lr_peak", "samples_per_s") if k in rec)
             log(f"[{item.stage.name}] {fields}")
 
 

@@ -20,7 +20,7 @@ def test_uninterrupted_run_learns_and_reports(reference_run):
     logged = [r for r in records(run_dir) if "loss" in r]
     assert [r["step"] for r in logged] == list(range(1, 13))
     assert logged[-1]["loss"] < logged[0]["loss"]
-    for key in ("lr", "samples_per_s", "skipped", "peak_memory_mb", "tflops_per_device"):
+    for key in ("lr_peak", "samples_per_s", "skipped", "peak_memory_mb", "tflops_per_device"):
         assert key in logged[0]
     assert len(logged[0]["peak_memory_mb"]) == 2
     assert (Path(run_dir) / "checkpoints/latest").read_text() == "step00000012"

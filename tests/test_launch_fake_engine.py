@@ -78,7 +78,7 @@ def run_stage(config_path: str, overrides: list[str]) -> dict:
             raise RuntimeError(f"fake engine: failing at step {step} as configured")
         stop = torch.tensor([1.0 if _stop else 0.0])
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-        log({"step": step, "loss": 1.0 / step, "lr": 1e-3, "world_size": world,
+        log({"step": step, "loss": 1.0 / step, "lr_peak": 1e-3, "world_size": world,
              "node": os.environ.get("SLURMD_NODENAME", "")})
         if stop.item() or step % every == 0 or step == max_steps:
             save(step)

@@ -84,7 +84,7 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(step, values)
         if self.bar is not None:
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k in ("loss", "lr", "samples_per_s")})
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k in ("loss", "lr_peak", "samples_per_s")})
 
     def advance(self, steps: int = 1):
         if self.bar is not None:

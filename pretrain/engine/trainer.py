@@ -193,7 +193,8 @@ class Trainer:
         averaged = mean_over_ranks({"loss": window.mean("loss"), **window.extras()}, device)
         skipped = sum_counts_over_ranks(window.skipped)
         samples_per_s = window.samples * self.world.size / max(window.elapsed(), 1e-9)
-        report = {**averaged, "lr": self.scheduler.get_last_lr()[0], "samples_per_s": samples_per_s,
+        # The largest group's lr: under layer decay group 0 (the stem) runs at a tiny fraction of the schedule's lr.
+        report = {**averaged, "lr_peak": max(self.scheduler.get_last_lr()), "samples_per_s": samples_per_s,
                   "skipped": skipped_total(skipped),
                   **{k if k in NOT_SKIPS else f"skipped/{k}": v for k, v in skipped.items()},
                   "peak_memory_mb": peak_memory_per_rank(device),
