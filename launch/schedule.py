@@ -189,11 +189,17 @@ def ensure_export(stage: StagePlan, consolidate: Callable[..., Any], *, is_leade
                 raise TimeoutError(f"waited {timeout_s:.0f} s for {export} to be exported by rank 0")
             time.sleep(0.5)
         return export
-    ckpt = prev / "checkpoints"
-    if not ckpt.is_dir():
-        raise FileNotFoundError(
-            f"stage {stage.name!r} starts from {prev.name!r}, but {ckpt} does not exist (did {prev.name!r} run?)"
-        )
+    if not (prev / "checkpoints").is_dir():
+        raise FileNotFoundError(f"stage {stage.name!r} starts from {prev.name!r}, but {prev / 'checkpoints'} does not "
+                                f"exist (did {prev.name!r} run?)")
+    return export_stage(prev, consolidate)
+
+
+def export_stage(run_dir: Path, consolidate: Callable[..., Any]) -> Path:
+    """RUN_DIR/export/ from the stage's own checkpoints, written to a temp dir and renamed into place."""
+    prev, export, ckpt = run_dir, run_dir / EXPORT, run_dir / "checkpoints"
+    if (export / BACKBONE).exists():
+        return export
     tmp = prev / f".{EXPORT}.tmp-{os.getpid()}"
     consolidate(str(ckpt), str(tmp), dtype="fp16")
     if not (tmp / BACKBONE).exists():

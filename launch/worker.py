@@ -13,13 +13,14 @@ import importlib
 import json
 import os
 import sys
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from launch import failures
 from launch.lifetime import PARENT_PID_ENV, bind_rank_to_parent
 from launch.rendezvous import Rendezvous
-from launch.schedule import StagePlan, ensure_export
+from launch.schedule import StagePlan, ensure_export, export_stage
 
 DEFAULT_ENGINE = "pretrain.engine"
 EXIT_FAILED = 1
@@ -43,6 +44,8 @@ def run_rank(stage: StagePlan, rdzv: Rendezvous, engine_name: str = DEFAULT_ENGI
     result = engine.run_stage(stage.config, list(stage.overrides))
     if not isinstance(result, dict) or result.get("status") not in ("completed", "preempted"):
         raise RuntimeError(f"run_stage returned {result!r}; expected status completed or preempted")
+    if result["status"] == "completed" and rdzv.rank == 0:
+        export_stage(Path(stage.run_dir), engine.consolidate)  # every stage's deliverable, the last one's included
     return result
 
 

@@ -20,6 +20,9 @@ def test_local_schedule_two_ranks(tmp_path, monkeypatch, capsys):
     fine = summary["stages"]["finetune"]["metrics"]
     assert fine["world_size"] == 2
     assert fine["pretrained_backbone"] == f"backbone of {run}/pretrain/checkpoints at step 4 (fp16)"
+    # the last stage is exported too
+    assert (run / "finetune/export/backbone.safetensors").read_text() == \
+        f"backbone of {run}/finetune/checkpoints at step 4 (fp16)"
     # the same command again skips the finished stages
     assert run_cli(args) == 0
     assert "already completed" in capsys.readouterr().out
