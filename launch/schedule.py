@@ -2,8 +2,8 @@
 
 A schedule YAML has a `stages:` list (and optionally `run_dir:`, the default RUN_DIR); any other YAML is a stage config
 and runs as a one-stage plan. Each stage after the first starts from the previous stage's consolidated backbone:
-`model.pretrained=RUN_DIR/<prev>/export/backbone.safetensors`, exported from RUN_DIR/<prev>/checkpoints/ just before the
-stage trains. After every stage, RUN_DIR/summary.json collects each finished stage's result.json.
+`model.pretrained=RUN_DIR/<prev>/export/backbone.safetensors`, exported from RUN_DIR/<prev>/checkpoints/ when that stage
+completes (the last stage too). After every stage, RUN_DIR/summary.json collects each finished stage's result.json.
 
 Command-line overrides apply to every stage, after the schedule's own; `STAGE:key=value` applies to one stage only.
 `run_dir=...` on the command line names RUN_DIR (for a stage config, the stage's run_dir).
