@@ -228,9 +228,12 @@ def read_result(stage: StagePlan) -> dict[str, Any] | None:
 
 def write_summary(plan: Plan) -> dict[str, Any]:
     """RUN_DIR/summary.json: each finished stage's metrics, and at the top level the headline figures each stage's task
-    chose (its result's "headline"; a later stage's win)."""
+    chose (its result's "headline"; a later stage's win), and under "headlines" each stage's own, by stage name (two
+    fine-tuning stages both report finetune_top1)."""
     stages: dict[str, Any] = {}
-    summary: dict[str, Any] = {"schedule": plan.source, "run_dir": plan.run_dir, "stages": stages}
+    headlines: dict[str, Any] = {}
+    summary: dict[str, Any] = {"schedule": plan.source, "run_dir": plan.run_dir, "stages": stages,
+                               "headlines": headlines}
     for stage in plan.stages:
         result = read_result(stage)
         stages[stage.name] = {
@@ -240,7 +243,9 @@ def write_summary(plan: Plan) -> dict[str, Any]:
             "status": "completed" if result is not None else "not finished",
             "metrics": result,
         }
-        summary.update((result or {}).get("headline", {}))
+        if result is not None:
+            headlines[stage.name] = result.get("headline", {})
+            summary.update(headlines[stage.name])
     summary["complete"] = all(s["status"] == "completed" for s in stages.values())
     Path(plan.run_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_json(Path(plan.run_dir) / "summary.json", summary)

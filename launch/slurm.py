@@ -370,7 +370,7 @@ def wait(plan: Plan, submitted: list[Submitted], log=print, poll_s: float = 2.0,
         if all(s.done for s in submitted):
             summary = write_summary(plan)
             log(f"all stages completed; summary in {Path(plan.run_dir) / 'summary.json'}: "
-                + json.dumps({k: v for k, v in summary.items() if k not in ("schedule", "run_dir", "stages", "complete")}))
+                + json.dumps({k: v for k, v in summary.items() if k not in ("schedule", "run_dir", "stages", "headlines", "complete")}))
             return 0
         if timeout_s is not None and time.monotonic() - t0 > timeout_s:
             log(f"ERROR: gave up waiting after {timeout_s:.0f} s; jobs {[s.job_id for s in submitted]} left queued")

@@ -84,6 +84,7 @@ def test_export_and_summary(tmp_path):
                                                              "headline": {"finetune_top1": 0.7}}))
     summary = json.loads((Path(plan.run_dir) / "summary.json").read_text()) if write_summary(plan) else None
     assert summary["complete"] and summary["zero_shot_top1"] == 0.3 and summary["finetune_top1"] == 0.7
+    assert summary["headlines"] == {"pretrain": {"zero_shot_top1": 0.3}, "finetune": {"finetune_top1": 0.7}}
     assert summary["stages"]["finetune"]["pretrained"] == str(export / "backbone.safetensors")
 
 
