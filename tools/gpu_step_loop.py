@@ -39,7 +39,7 @@ def build_engine(cfg, world, dtype):
 
     seed_everything(cfg.seed)
     task = build_task(cfg, world)
-    model = build_model(task, cfg, dtype)
+    model = build_model(task, cfg, dtype, world.device)
     base_lr = peak_lr(cfg, world.size)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg, base_lr),

@@ -43,10 +43,12 @@ def run_stage(config_path: str, overrides: list[str] = ()) -> dict:
     return result
 
 
-def build_model(task, cfg: StageConfig, dtype: torch.dtype) -> torch.nn.Module:
+def build_model(task, cfg: StageConfig, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     """The task's model in the run's precision. Under ZeRO-3 its towers are built inside zero.Init, which partitions
     them in the dtype its config names; what the task builds outside it (the image-text text tower, the temperature)
-    is cast here, since DeepSpeed casts nothing in a model that zero.Init has touched and ZeRO-3 needs one dtype."""
+    is cast here, since DeepSpeed casts nothing in a model that zero.Init has touched and ZeRO-3 needs one dtype.
+    Buffers go to `device` here too: DeepSpeed then skips module.to(device) and moves parameters only, so the text
+    tower's attention mask would stay on the CPU while the tokens are on the GPU."""
     import deepspeed
 
     if cfg.zero.stage != 3:
@@ -58,6 +60,9 @@ def build_model(task, cfg: StageConfig, dtype: torch.dtype) -> torch.nn.Module:
     for param in model.parameters():
         if not hasattr(param, "ds_id"):
             param.data = param.data.to(dtype)
+    for module in model.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            setattr(module, name, buffer.to(device))
     return model
 
 
@@ -87,7 +92,7 @@ class Trainer:
             tag = self.checkpoints.prepare_universal(tag)
 
         seed_everything(cfg.seed)  # identical initial weights on every rank
-        model = build_model(self.task, cfg, self.dtype)
+        model = build_model(self.task, cfg, self.dtype, world.device)
         if cfg.model.pretrained and tag is None:
             load_backbone(self.task.backbone(model), cfg.model.pretrained)
 
