@@ -112,11 +112,18 @@ def test_missing_shard_fails_fast_naming_the_path(tmp_path):
                           batch_size=2)
 
 
-def test_fewer_shards_than_ranks_times_workers_is_an_error(tmp_path):
-    cfg = classification_cfg(write_shards(tmp_path, 3, 2), resampled=False, workers=2)
-    with pytest.raises(ValueError, match="fewer than ranks x workers = 2 x 2"):
-        build_train_loader(cfg, rank=0, world_size=2, batch_size=2, seed=0)
-    build_train_loader(cfg, rank=0, world_size=1, batch_size=2, seed=0)  # 3 shards for 1 x 2 is fine
+def test_true_epochs_read_each_sample_once_even_with_fewer_shards_than_streams(tmp_path):
+    cfg = classification_cfg(write_shards(tmp_path, 3, 4), resampled=False, workers=2)  # 3 shards for 2 x 2 streams
+    loaders = [build_train_loader(cfg, rank=rank, world_size=2, batch_size=3, seed=0) for rank in range(2)]
+    assert loaders[0].steps_per_epoch == 2
+    epochs = [labels(itertools.islice(loader, 4)) for loader in loaders]
+    for epoch in range(2):
+        assert sorted(epochs[0][epoch * 6:][:6] + epochs[1][epoch * 6:][:6]) == list(range(12))
+    assert epochs[0][:6] != epochs[0][6:]
+    with pytest.raises(ValueError, match="true epochs of one source"):
+        build_train_loader(classification_cfg(cfg.train[0].shards, resampled=False,
+                                              train=[cfg.train[0], cfg.train[0]]), rank=0, world_size=1,
+                           batch_size=2, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +142,7 @@ def test_split_by_rank_and_worker_covers_every_sample_once(eight_shards):
 
     seen = [labels(build_eval_loader(cfg, rank=rank, world_size=3, batch_size=5)) for rank in range(3)]
     assert sorted(sum(seen, [])) == list(range(48))
-    assert [len(s) for s in seen] == [16, 16, 16]
+    assert [len(s) for s in seen] == [18, 18, 12]  # split by shard: 3, 3 and 2 of the 8
 
 
 def test_resampling_is_deterministic_per_seed_epoch_and_rank(eight_shards):
@@ -164,6 +171,8 @@ def test_resumed_loader_continues_the_stream_exactly(tmp_path, resampled):
         tar.write({"__key__": "b2", "jpg": image[:100], "cls": "101"})
         tar.write({"__key__": "b3", "jpg": image, "cls": "one hundred and two"})
         tar.write({"__key__": "b4", "jpg": image})
+    (tmp_path / "sizes.json").write_text(json.dumps({**json.loads((tmp_path / "sizes.json").read_text()),
+                                                     "broken.tar": 4}))
     # worker streams with bad samples and augmentation (crop, flip, RandAugment) drawing from every global RNG
     cfg = classification_cfg(f"{good}::{broken}", resampled=resampled, samples_per_epoch=12, workers=2,
                              augment={"randaugment": "rand-m9-mstd0.5"})

@@ -27,7 +27,7 @@ def check_shards(pattern: str, task: str, *, workers: int = 0, batch_size: int =
     cfg = DataConfig(task=task, train=[{"shards": pattern}], val=pattern, workers=workers, image_size=image_size,
                      limits=limits or {})
     urls = shards.expand_shards(pattern)
-    dataset = CheckStream(cfg, urls, rank=0, world_size=1, batch_size=batch_size)
+    dataset = CheckStream(cfg, urls, batch_size=batch_size)
     samples, reasons = 0, collections.Counter()
     start = time.perf_counter()
     for record in make_loader(dataset, min(workers, len(urls))):

@@ -1,9 +1,7 @@
-"""Shard lists: expansion and start-up checks, epoch sizes, and the per-worker shard streams (resampled or split)."""
+"""Shard lists: expansion and a bounded start-up check, and shard sizes."""
 import json
 import os
-import random
 import re
-from collections.abc import Iterator
 
 from braceexpand import UnbalancedBracesError
 from webdataset.shardlists import expand_urls
@@ -51,19 +49,23 @@ def expand_shards(pattern: str) -> list[str]:
     return urls
 
 
-def shard_size(url: str) -> int | None:
-    """Samples in a local shard, from sizes.json ({"00000.tar": n}) beside it, or img2dataset's 00000_stats.json."""
+def shard_sizes(urls: list[str]) -> list[int | None]:
+    """Samples in each shard (None: unknown), from sizes.json ({"00000.tar": n}) beside local shards, read once per
+    folder, or from img2dataset's 00000_stats.json."""
+    folders: dict[str, dict] = {}
+    return [shard_size(url, folders) for url in urls]
+
+
+def shard_size(url: str, folders: dict[str, dict]) -> int | None:
     if not is_local(url):
         return None
-    path = local_path(url)
-    folder, name = os.path.split(path)
-    sizes_file = os.path.join(folder, "sizes.json")
-    if os.path.isfile(sizes_file):
-        with open(sizes_file) as f:
-            sizes = json.load(f)
-        if name in sizes:
-            return int(sizes[name])
-    stats_file = os.path.splitext(path)[0] + "_stats.json"
+    folder, name = os.path.split(local_path(url))
+    if folder not in folders:
+        sizes_file = os.path.join(folder, "sizes.json")
+        folders[folder] = json.loads(open(sizes_file).read()) if os.path.isfile(sizes_file) else {}
+    if name in folders[folder]:
+        return int(folders[folder][name])
+    stats_file = os.path.splitext(local_path(url))[0] + "_stats.json"
     if os.path.isfile(stats_file):
         with open(stats_file) as f:
             return int(json.load(f)["successes"])
@@ -72,32 +74,5 @@ def shard_size(url: str) -> int | None:
 
 def total_size(urls: list[str]) -> int | None:
     """Samples in all the shards, or None if any shard's size is unknown."""
-    sizes = [shard_size(url) for url in urls]
+    sizes = shard_sizes(urls)
     return None if None in sizes else sum(sizes)
-
-
-def check_enough_shards(urls: list[str], world_size: int, streams: int, pattern: str) -> None:
-    """Splitting shards over ranks x workers leaves some of them idle (and the epoch uneven) with too few shards."""
-    if len(urls) < world_size * streams:
-        raise ValueError(
-            f"{pattern!r} has {len(urls)} shards, fewer than ranks x workers = {world_size} x {streams}; "
-            "use more shards, fewer workers, or data.resampled: true")
-
-
-def resampled_shards(urls: list[str], seed: int) -> Iterator[dict]:
-    """Shards drawn with replacement, forever: every rank and worker always has data, whatever the shard count."""
-    rng = random.Random(seed)
-    while True:
-        yield {"url": rng.choice(urls)}
-
-
-def split_shards(urls: list[str], epoch_seed: int, rank: int, world_size: int, stream: int, streams: int,
-                 pass_index: int) -> list[str]:
-    """This rank's and stream's share of the epoch's shuffled shard list, without replacement. The share is read again
-    (pass 1, 2, ...), in another order, if the epoch asks for more samples than it holds."""
-    order = list(urls)
-    random.Random(epoch_seed).shuffle(order)  # the same on every rank, so the shares are disjoint
-    share = order[rank::world_size][stream::streams]
-    if pass_index:
-        random.Random(epoch_seed + pass_index).shuffle(share)
-    return share

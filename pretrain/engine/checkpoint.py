@@ -281,6 +281,12 @@ class CheckpointManager:
         set_rng_state(rank_state.pop("rng"))
         return manifest["step"], rank_state
 
+    def saved_rank_states(self, tag: str, part: str) -> list:
+        """One part (e.g. "loader") of every rank's state saved in `tag` (or in the checkpoint it was converted from),
+        in rank order; read one file at a time, so only the parts are held."""
+        folder = self.directory / tag.removesuffix(UNIVERSAL_SUFFIX)
+        return [load_file(folder / rank_state_name(rank))[part] for rank in range(read_manifest(folder)["world_size"])]
+
 
 def rng_state() -> dict:
     """Every RNG the run draws from, as tensors and plain values (so it loads weights-only)."""

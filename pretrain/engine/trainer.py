@@ -110,7 +110,7 @@ class Trainer:
         self.stateful = {"loader": self.loader, "task": self.task}
         if self.ema is not None:
             self.stateful["ema"] = self.ema
-        self.step, self.resumed_from = 0, tag
+        self.step, self.resumed_from, self.data_resumed = 0, tag, None
         if tag is not None:
             self._restore(tag)
         else:
@@ -122,8 +122,10 @@ class Trainer:
 
     def _restore(self, tag: str):
         self.step, rank_state = self.checkpoints.load(self.engine, tag)
-        if rank_state is None:  # another world size: data streams and EMA shards do not map onto the new ranks,
-            seed_everything(self.cfg.seed * 1000 + self.world.rank + 1 + self.step)  # so both start afresh
+        if rank_state is None:  # another world size: EMA shards do not map onto the new ranks, so start afresh
+            seed_everything(self.cfg.seed * 1000 + self.world.rank + 1 + self.step)
+            # the data streams are resharded from every old rank's loader state: the epoch goes on where it stood
+            self.data_resumed = self.loader.reshard(self.checkpoints.saved_rank_states(tag, "loader"))
             return
         missing = sorted(set(self.stateful) - set(rank_state))
         if missing:
@@ -142,7 +144,8 @@ class Trainer:
         for message in self.ignored_checkpoints:
             metrics.event("checkpoint_ignored", message=message)
         if self.resumed_from is not None:
-            metrics.event("resume", step=self.step, checkpoint=self.resumed_from, world_size=self.world.size)
+            metrics.event("resume", step=self.step, checkpoint=self.resumed_from, world_size=self.world.size,
+                          **({"data": self.data_resumed} if self.data_resumed else {}))
         elif cfg.model.pretrained:
             metrics.event("pretrained", step=0, path=str(Path(cfg.model.pretrained).resolve()))
         flops = self._flops_per_sample()

@@ -66,16 +66,15 @@ def build_vision_tower(cfg: StageConfig, num_classes: int, zero_init):
 
 def lockstep(loader, world: World):
     """Yield batches until every rank's loader is exhausted; a rank that runs out early repeats its last batch with
-    real=False. Under ZeRO-3 every forward is collective, so all ranks must run the same number of them."""
+    real=False, and one that had nothing to read (fewer val shards than ranks) runs the loader's placeholder batch.
+    Under ZeRO-3 every forward is collective, so all ranks must run the same number of them."""
     iterator, last = iter(loader), None
     while True:
         batch = next(iterator, None)
         if not any_rank(batch is not None, world.device):
             return
         if batch is None:
-            if last is None:
-                raise RuntimeError(f"rank {world.rank} received no evaluation data; use fewer ranks or more shards")
-            yield {**last, "real": False}
+            yield {**(last if last is not None else loader.placeholder()), "real": False}
         else:
             last = batch
             yield {**batch, "real": True}
