@@ -23,6 +23,7 @@ DEFAULTS = {  # classification/config.py
     "TRAIN.USE_CHECKPOINT": False, "TRAIN.OPTIMIZER.NAME": "adamw", "TRAIN.OPTIMIZER.EPS": 1e-8,
     "TRAIN.OPTIMIZER.BETAS": (0.9, 0.999), "TRAIN.OPTIMIZER.USE_ZERO": False, "TRAIN.OPTIMIZER.DCN_LR_MUL": None,
     "TRAIN.EMA.DECAY": 0.9998, "TRAIN.LR_LAYER_DECAY": False, "TRAIN.LR_LAYER_DECAY_RATIO": 0.875, "AMP_OPT_LEVEL": "",
+    "sampling": "each image once per epoch",  # main.py's DistributedSampler (SubsetRandomSampler on one GPU)
 }
 FINETUNE = {  # what the three H/G 22kto1k configs set alike
     "AUG.MIXUP": 0.0, "AUG.CUTMIX": 0.0, "AUG.REPROB": 0.0, "MODEL.LABEL_SMOOTHING": 0.3, "TRAIN.EMA.DECAY": 0.9999,
@@ -60,6 +61,8 @@ ROWS = {  # hyper-parameter: (the release's value from its config, ours from the
     "epochs": (lambda r: r["TRAIN.EPOCHS"], lambda c: c.epochs),
     "warm-up epochs": (lambda r: r["TRAIN.WARMUP_EPOCHS"], lambda c: c.warmup_epochs),
     "global batch": (lambda r: r["global_batch"], lambda c: c.global_batch),
+    "sampling": (lambda r: r["sampling"],
+                 lambda c: "shards with replacement" if c.data.resampled else "each image once per epoch"),
     "gradient accumulation": (lambda r: max(1, r["TRAIN.ACCUMULATION_STEPS"]), lambda c: c.optim.grad_accumulation),
     "lr per 512 images": (lambda r: r["TRAIN.BASE_LR"], lambda c: c.optim.lr * 512 / c.optim.lr_batch),
     "lr of the first step": (lambda r: r["TRAIN.WARMUP_LR"], _first_step_lr),
