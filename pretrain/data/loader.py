@@ -281,7 +281,7 @@ def undelivered(state: dict, dataset: TrainStream) -> list[Piece]:
             continue
         (source,) = stream_state["sources"]
         buffered = defaultdict(list)
-        for shard, index in source["buffer"]:
+        for shard, index, _ in source["buffer"]:
             buffered[shard].append(index)
         pieces += [[shard, min(ix), max(ix) + 1, sorted(ix)] for shard, ix in buffered.items()]
         current, order = source["current"], source["order"]

@@ -4,14 +4,18 @@ A stream (one per DataLoader worker, see loader.py) mixes one `SourceStream` per
 in an order (`Resampled`: drawn with replacement; `Pieces`: a fixed list of shard ranges, the true-epoch split) into a
 shuffle buffer, and hands out a random sample of the buffer each time. Its state is small and plain (JSON-able):
 - the shuffle's and the order's RNG states and where the order stands;
-- `current`: the shard being read and the index, within that shard, of its next sample;
-- `buffer`: the samples held, as (shard, index in shard) references, never as bytes (a 5000-sample buffer of web
-  images is ~0.5 GB per worker).
-Restoring the buffer reads each shard it references from the start up to the highest index referenced, keeping the
-referenced samples, then reopens the current shard and steps over the samples before its index. Nothing is decoded.
-Cost: the buffer's samples came from the last few shards read (a sample leaves a full buffer of B with probability
-1/B per step, so the share of it older than k shards of S samples falls as exp(-k S / B)), so a restore reads about
-B + S raw samples (a few shards) whatever the position in the epoch; `fast_forward`'s replay read the whole epoch so far.
+- `current`: the shard being read, the index within it of its next sample, and the byte offset of the last sample
+  read from it;
+- `buffer`: the samples held, as (shard, index in shard, byte offset) references, never as bytes (a 5000-sample
+  buffer of web images is ~0.5 GB per worker).
+How the buffer is restored, and what it costs. A local uncompressed tar (the layout img2dataset writes) is opened at
+each referenced sample's offset and that one sample read: B reads for a buffer of B, plus one to reopen the current
+shard after its last sample read. Nothing is decoded; the reads are random, one sample each (tarfile reads the next
+header too, to see the sample end). Shards without offsets (compressed, or remote: pipe:, http:) cannot be seeked:
+each referenced one is read from its start up to its highest referenced sample, and the current one up to its index.
+Their buffer came from the last few shards read (a sample leaves a full buffer of B with probability 1/B per step, so
+the share older than k shards of S samples falls as exp(-k S / B)): a few shards' worth, about S (1 + (B/S) ln B).
+Either way the cost does not depend on the position in the epoch; `fast_forward`'s replay, before, read all of it.
 """
 import random
 from collections import defaultdict
@@ -128,8 +132,12 @@ class SourceStream:
         self.buffer: list[tuple[list[int], dict]] = []
         self.current: list | None = None  # the piece being read, its start moved on past each sample read
         self.picks: set[int] | None = None  # the current piece's picks, as a set
+        self.at: int | None = None  # byte offset of the last sample read from the current shard, if it has offsets
         self.samples: Iterator[dict] | None = None
         self.read_this_pass = 0
+
+    def _read_at(self, shard: int, offset: int) -> Iterator[dict]:
+        return iter(self.read([{"url": self.urls[shard], "offset": offset}]))
 
     def _open(self, shard: int, start: int, wanted=frozenset()) -> tuple[dict[int, dict], Iterator[dict]]:
         """The shard's samples from `start` on; those before it are read (not decoded) and dropped, except `wanted`."""
@@ -151,13 +159,14 @@ class SourceStream:
                 sample = next(self.samples, None) if index < stop else None
                 if sample is not None:
                     self.current[1] += 1
+                    self.at = sample["__offset__"]
                     if self.picks is None or index in self.picks:
-                        self.buffer.append(([shard, index], sample))
+                        self.buffer.append(([shard, index, self.at], sample))
                         self.read_this_pass += 1
                         return True
                     continue
                 self.samples.close()
-                self.current = None
+                self.current, self.at = None, None
             piece = self.order.next_piece()
             if piece is None:
                 return False
@@ -193,31 +202,39 @@ class SourceStream:
         if self.current is not None:
             current = list(self.current)
             current[2] = None if current[2] == float("inf") else current[2]
-        return {"rng": rng_state(self.rng), "order": self.order.state_dict(), "current": current,
+        return {"rng": rng_state(self.rng), "order": self.order.state_dict(), "current": current, "at": self.at,
                 "buffer": [ref for ref, _ in self.buffer]}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the buffer from its references and reopen the current shard where it stood (module docstring)."""
         set_rng_state(self.rng, state["rng"])
         self.order.load_state_dict(state["order"])
-        current = state["current"]
-        wanted = defaultdict(set)
-        for shard, index in state["buffer"]:
-            wanted[shard].add(index)
-        found = {}
-        for shard, indices in wanted.items():
-            if current is not None and shard == current[0] and max(indices) < current[1]:
+        current, self.at = state["current"], state["at"]
+        found, unseekable = {}, defaultdict(set)
+        for shard, index, offset in state["buffer"]:
+            if offset is None:
+                unseekable[shard].add(index)
+            elif (shard, index) not in found:
+                samples = self._read_at(shard, offset)
+                found[shard, index] = next(samples, None)
+                samples.close()
+        for shard, indices in unseekable.items():
+            if current is not None and shard == current[0] and self.at is None and max(indices) < current[1]:
                 continue  # read on the way to the current position below
             kept, samples = self._open(shard, max(indices) + 1, indices)
             samples.close()
             found.update({(shard, i): sample for i, sample in kept.items()})
         if current is not None:
-            kept, self.samples = self._open(current[0], current[1], wanted.get(current[0], frozenset()))
-            found.update({(current[0], i): sample for i, sample in kept.items()})
             self._set_current(current)
+            if self.at is not None:  # reopen at the last sample read, and step over it
+                self.samples = self._read_at(current[0], self.at)
+                next(self.samples, None)
+            else:
+                kept, self.samples = self._open(current[0], current[1], unseekable.get(current[0], frozenset()))
+                found.update({(current[0], i): sample for i, sample in kept.items()})
         # a referenced sample that cannot be read again (its shard changed or broke) is gone from the buffer
-        self.buffer = [([shard, index], found[shard, index]) for shard, index in state["buffer"]
-                       if (shard, index) in found]
+        self.buffer = [([shard, index, offset], found[shard, index]) for shard, index, offset in state["buffer"]
+                       if found.get((shard, index)) is not None]
         self.read_this_pass = 1
 
 

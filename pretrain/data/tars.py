@@ -16,9 +16,10 @@ import tarfile
 from collections.abc import Callable, Iterable, Iterator
 
 from webdataset.gopen import gopen
-from webdataset.tariterators import group_by_keys
+from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from pretrain.data.decode import is_wanted_member
+from pretrain.data.shards import is_local, local_path
 from pretrain.data.stats import UNREADABLE_SHARD, SkipCounter
 
 EXTENDED_HEADER_BYTES = 2**20  # real long names and PAX records are a few hundred bytes
@@ -65,13 +66,16 @@ def decompressed(stream):
     return opener(rewound) if opener else rewound
 
 
-def tar_members(stream, url: str, max_bytes: int) -> Iterator[dict]:
-    """The wanted regular members of one tar (or .tar.gz/.bz2/.xz) stream, as group_by_keys takes them."""
+def tar_members(tar_stream, url: str, max_bytes: int, offsets: dict | None, base: int) -> Iterator[dict]:
+    """The wanted regular members of one tar stream, as group_by_keys takes them. `offsets`, if given, is told the
+    byte offset (from the tar's start; the stream begins at `base`) of each sample's first header, by key."""
     try:
-        tar = tarfile.open(fileobj=decompressed(stream), mode="r|", tarinfo=BoundedTarInfo)
+        tar = tarfile.open(fileobj=tar_stream, mode="r|", tarinfo=BoundedTarInfo)
         for info in tar:
             tar.members = []  # streaming mode keeps every header it has read
             if info.isreg() and is_wanted_member(info.name):
+                if offsets is not None:
+                    offsets.setdefault(base_plus_ext(info.name)[0], base + info.offset)
                 data = tar.extractfile(info).read() if info.size <= max_bytes else None
                 yield {"fname": info.name, "data": data, "__url__": url}
     except Exception:
@@ -79,10 +83,21 @@ def tar_members(stream, url: str, max_bytes: int) -> Iterator[dict]:
         raise
 
 
-def shard_samples(url: str, max_bytes: int, counter: SkipCounter) -> Iterator[dict]:
-    stream = gopen(url)
+def shard_samples(url: str, max_bytes: int, counter: SkipCounter, offset: int = 0) -> Iterator[dict]:
+    """The samples of a shard. Those of a local uncompressed tar carry `__offset__`, the byte offset of their first
+    header, where a later read may start (`offset`) to fetch one sample without reading the shard up to it."""
+    if offset:
+        stream = open(local_path(url), "rb")
+        stream.seek(offset)
+    else:
+        stream = gopen(url)
     try:
-        yield from group_by_keys(tar_members(stream, url, max_bytes), handler=counter.handler(UNREADABLE_SHARD))
+        tar_stream = decompressed(stream)
+        offsets = {} if is_local(url) and isinstance(tar_stream, Rewound) else None  # seekable: local, uncompressed
+        for sample in group_by_keys(tar_members(tar_stream, url, max_bytes, offsets, offset),
+                                    handler=counter.handler(UNREADABLE_SHARD)):
+            sample["__offset__"] = offsets.pop(sample["__key__"], None) if offsets is not None else None
+            yield sample
     finally:
         stream.close()
 
@@ -105,13 +120,14 @@ class ShardFailures:
 def read_tars(counter: SkipCounter, max_bytes: int,
               failures: ShardFailures | None = None) -> Callable[[Iterable[dict]], Iterator[dict]]:
     """A pipeline stage: shard dicts ({"url": ...}) -> raw samples. A shard that cannot be opened or read to its end is
-    counted (unreadable_shard) and the next one read; `failures`, if given, is told how each shard went."""
+    counted (unreadable_shard) and the next one read; `failures`, if given, is told how each shard went. A shard dict
+    may give an `offset` to start at (shard_samples)."""
 
     def stage(shards: Iterable[dict]) -> Iterator[dict]:
         for shard in shards:
             url, samples, error = shard["url"], 0, None
             try:
-                for sample in shard_samples(url, max_bytes, counter):
+                for sample in shard_samples(url, max_bytes, counter, shard.get("offset", 0)):
                     samples += 1
                     yield sample
             except Exception as exception:  # cannot be opened, not a tar, cut short, bad compression...
