@@ -40,7 +40,8 @@ def forty_shards(tmp_path_factory):
 def test_a_resume_reads_the_same_few_samples_early_or_late_and_continues_exactly(forty_shards, raw_reads,
                                                                                  resampled, through):
     """Local tars are seeked to each buffered sample; shards through a pipe are read up to the samples referenced."""
-    cfg = classification_cfg(through + forty_shards, resampled=resampled, workers=0, shuffle_buffer=20)
+    cfg = classification_cfg(through + forty_shards, resampled=resampled, workers=0, shuffle_buffer=20,
+                             samples_per_epoch=400)
     reads = {}
     for step in (4, 40):  # 16 and 160 raw samples into the epoch
         uninterrupted = build_train_loader(cfg, rank=0, world_size=1, batch_size=4, seed=5)

@@ -1,15 +1,15 @@
 """The epoch's length in samples, from the config or counted from the shards' sizes.json / img2dataset *_stats.json,
 and the comparison of the two; both run before any rank starts."""
 from pretrain.data.config import DataConfig
-from pretrain.data.shards import expand_shards, shard_size
+from pretrain.data.shards import expand_shards, shard_sizes
 
 
 def counted_samples(cfg: DataConfig) -> tuple[int | None, str | None]:
     """Samples in every training shard, or None and the first shard without a size (a remote one has none)."""
     total = 0
     for source in cfg.train:
-        for url in expand_shards(source.shards):
-            size = shard_size(url)
+        urls = expand_shards(source.shards)
+        for url, size in zip(urls, shard_sizes(urls)):
             if size is None:
                 return None, url
             total += size
