@@ -107,6 +107,7 @@ def test_two_rank_checkpoint_resumes_on_one_rank(reference_run, tmp_path):
     assert result["status"] == "completed" and result["metrics"]["step"] == 14
     resume = next(r for r in records(tmp_path) if r.get("event") == "resume")
     assert resume["step"] == 12 and resume["world_size"] == 1 and resume["checkpoint"].endswith("_universal")
+    assert "continues at step 24 on 1 ranks" in resume["data"]  # 12 steps x 2 ranks of the epoch, not step 0 again
     assert (checkpoints / "step00000012_universal/manifest.json").is_file()  # converted anew, then committed
     assert all(l == l for l in losses(tmp_path).values())  # finite, not NaN
 
