@@ -49,12 +49,12 @@ def rehearsal_plan(source: str, overrides: list[str], nproc: int, steps: int) ->
 
 
 def zero_shot_class_count(cfg) -> int | None:
-    """How many classes the image-text stage's zero-shot evaluation scores (None for classification)."""
-    if cfg.task != "image-text":
+    """How many classes the image-text stage's zero-shot evaluation scores (None: classification, or retrieval)."""
+    if cfg.task != "image-text" or cfg.eval.zero_shot is None:
         return None
-    from pretrain.data import zero_shot_classes
+    from pretrain.engine.tasks.zero_shot import class_names
 
-    return len(zero_shot_classes()[0])
+    return len(class_names(cfg.eval.zero_shot.classes))
 
 
 def check_stages(plan: Plan, nproc: int) -> tuple[list[str], list[str]]:

@@ -45,7 +45,7 @@ def _skips(skips: collections.Counter) -> str:
 
 def check_stage(name: str, cfg, zero_shot_classes: int | None) -> list[str]:
     """The problems found in the data the stage names (empty: none). zero_shot_classes: how many classes the
-    image-text stage's zero-shot evaluation scores (None for classification)."""
+    image-text stage's zero-shot evaluation scores (None for classification, or an image-text stage's retrieval)."""
     problems = []
     data = cfg.data
     for source in data.train:
@@ -68,6 +68,8 @@ def _check_val(name: str, cfg, zero_shot_classes: int | None) -> list[str]:
         usable, skips = read_pattern(cfg.data.val, cfg.data, train=False)
     except (OSError, ValueError) as error:
         return [f"{where}: {error}"]
+    if cfg.task == "image-text" and zero_shot_classes is None:  # retrieval: captions, no labels
+        return [] if usable else [f"{where}: no usable image-text sample to evaluate on ({_skips(skips)})"]
     labels = [label for label in usable if label is not None and label != NO_LABEL]
     if not labels:
         return [f"{where}: no labelled sample to evaluate on ({len(usable)} usable without a label; "
