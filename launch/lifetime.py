@@ -7,7 +7,9 @@ parent's pid given by the launcher, in case it died before the call). It then st
 rank's process group that polls its own parent, the rank: once the rank is gone, however it ended, the watcher kills
 the whole process group, which holds everything the rank started (data workers, the forkserver, `pipe:` commands),
 and itself. The local launcher makes every rank the leader of a process group of its own; under SLURM the rank makes
-itself one (SLURM ends a job step's processes by cgroup, not by process group, so nothing of SLURM's is lost).
+itself one, so that its watcher never kills a peer task, and its parent is slurmstepd, which ends the step when srun
+or the batch script dies. SLURM finds a step's processes by cgroup or by process tree (proctrack), not by process
+group, so its signals (preemption, scancel) still reach the rank.
 """
 from __future__ import annotations
 

@@ -69,8 +69,11 @@ def test_a_busy_run_dir_refuses_a_second_job_a_frozen_rank_is_named_a_killed_lau
         training(first, run_dir, 1)
         assert len(job_processes(run_dir)) >= 4  # two ranks, each with a data worker and a watcher
 
+        asked = time.monotonic()
         second = start(run_dir, "max_steps=1000")
         out, _ = second.communicate(timeout=300)
+        print(f"\nFAULT second job on a busy run dir: refused {time.monotonic() - asked:.1f} s after its start "
+              "(config checks included)")
         refusal = [line for line in out.splitlines() if "in use by another job" in line]
         assert second.returncode == 2, out[-3000:]
         assert len(refusal) == 1 and str(run_dir) in refusal[0]
