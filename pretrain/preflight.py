@@ -21,8 +21,9 @@ def spread(urls: list[str], count: int = SHARDS_PER_SOURCE) -> list[str]:
 
 
 def read_pattern(pattern: str, data, train: bool) -> tuple[list[int | None], collections.Counter]:
-    """Labels of the usable samples read (None for image-text training samples) and the skips by reason; a label
-    outside num_classes raises ValueError naming the shard and key."""
+    """(label, captioned) of each usable sample read (label None for image-text training samples; captioned False
+    for an image-text val sample with a label and no caption) and the skips by reason; a label outside num_classes
+    raises ValueError naming the shard and key."""
     decoder = make_decoder(data, train)
     usable, skips, counter = [], collections.Counter(), stats.SkipCounter()
     for url in spread(expand_shards(pattern)):
@@ -34,7 +35,7 @@ def read_pattern(pattern: str, data, train: bool) -> tuple[list[int | None], col
             except Skip as skip:
                 skips[skip.reason] += 1
                 continue
-            usable.append(decoded.get("label"))
+            usable.append((decoded.get("label"), decoded.get("has_text", "text" in decoded)))
         skips.update(counter.drain())
     return usable, skips
 
@@ -69,8 +70,9 @@ def _check_val(name: str, cfg, zero_shot_classes: int | None) -> list[str]:
     except (OSError, ValueError) as error:
         return [f"{where}: {error}"]
     if cfg.task == "image-text" and zero_shot_classes is None:  # retrieval: captions, no labels
-        return [] if usable else [f"{where}: no usable image-text sample to evaluate on ({_skips(skips)})"]
-    labels = [label for label in usable if label is not None and label != NO_LABEL]
+        captioned = [label for label, has_text in usable if has_text]
+        return [] if captioned else [f"{where}: no captioned image-text sample to evaluate on ({_skips(skips)})"]
+    labels = [label for label, _ in usable if label is not None and label != NO_LABEL]
     if not labels:
         return [f"{where}: no labelled sample to evaluate on ({len(usable)} usable without a label; "
                 f"{_skips(skips)})"]

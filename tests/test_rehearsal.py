@@ -6,6 +6,7 @@ import os
 
 from production_data import classification_shards, img2dataset_source, production_configs, write_production_data
 from pretrain import cli
+from pretrain.config import load_stage_config
 
 import pytest
 
@@ -43,3 +44,15 @@ def test_a_label_out_of_range_a_source_without_captions_and_an_unlabelled_val_se
     assert "rehearsal of" in out and "FAILED" in out and "in1k         not run" in out
     assert record["warnings"] == ["stage pretrain: data.samples_per_epoch is 427,000,000 but the shards' "
                                   "sizes.json/*_stats.json count 36 samples"]
+
+
+def test_the_production_image_text_stages_zero_shot_val_set_passes_the_checks(tmp_path):
+    """The H pretraining stage scores zero-shot on ImageNet-1K val, whose samples have a label and no caption."""
+    from launch.rehearsal import check_stages, rehearsal_plan
+
+    write_production_data(tmp_path / "data")
+    configs = production_configs(tmp_path, tmp_path / "data")
+    plan = rehearsal_plan(str(configs / "schedules/internimage_h.yaml"), [], nproc=2, steps=4)
+    assert "imagenet1k-wds/val" in load_stage_config(plan.stages[0].config, plan.stages[0].overrides).data.val
+    problems, _ = check_stages(plan, nproc=2)
+    assert problems == []

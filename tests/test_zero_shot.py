@@ -1,12 +1,18 @@
 """Image-text evaluation in-process, on stand-in encoders whose right answers are known: zero-shot with the config's
 class names and prompts, retrieval recall on unlabelled shards, and an error (not 0.0) when nothing is usable."""
+import io
+
 import pytest
 import torch
 import torch.distributed as dist
 
+from PIL import Image
+
 from conftest import CONFIG
 from pretrain.config import load_stage_config
-from pretrain.data import get_tokenizer
+from pretrain.data import get_tokenizer, stats
+from pretrain.data.decode import NO_LABEL, Skip, collate
+from pretrain.data.loader import make_decoder
 from pretrain.engine.distributed import World
 from pretrain.engine.tasks import ImageTextTask, zero_shot
 from pretrain.engine.tasks.image_text import EvaluationError
@@ -74,13 +80,38 @@ def test_retrieval_recall_on_unlabelled_shards(task):
     image = torch.zeros(4, 3, 1, 4)
     image[:, 0, 0] = one_hot
     # Captions 2 and 3 are swapped: half the pairs are found first, all within five.
-    batch = {"image": image, "text": one_hot[[0, 1, 3, 2]].long(), "label": torch.full((4,), -1)}
-    result = task.evaluate(KnowsTheClass(task.cfg.data.context_length), [batch], torch.float32)
+    batch = {"image": image, "text": one_hot[[0, 1, 3, 2]].long(), "label": torch.full((4,), -1),
+             "has_text": torch.ones(4, dtype=torch.bool)}
+    # A labelled sample without a caption: scoring its empty caption would count a pair that does not exist.
+    uncaptioned = {"image": image[:1], "text": torch.zeros(1, 4, dtype=torch.long), "label": torch.tensor([3]),
+                   "has_text": torch.zeros(1, dtype=torch.bool)}
+    result = task.evaluate(KnowsTheClass(task.cfg.data.context_length), [batch, uncaptioned], torch.float32)
     for direction in ("image_to_text", "text_to_image"):
         assert result[f"{direction}_R@1"] == 0.5 and result[f"{direction}_R@5"] == 1.0
     assert result["eval_samples"] == 4
     with pytest.raises(EvaluationError, match="no image-text sample"):
         task.evaluate(KnowsTheClass(task.cfg.data.context_length), [], torch.float32)
+
+
+def jpeg() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def test_image_text_val_decodes_imagenet_style_and_laion_style_samples(task):
+    """ImageNet-1K val (KEY.jpg + KEY.cls, no caption) is what the production image-text stages score zero-shot on;
+    a LAION-style val sample (KEY.txt, no label) is what retrieval scores."""
+    decoder = make_decoder(task.cfg.data, train=False)
+    imagenet_style = decoder({"__key__": "a", "jpg": jpeg(), "cls": b"417"}, seed=0)
+    assert imagenet_style["label"] == 417 and imagenet_style["has_text"] is False
+    laion_style = decoder({"__key__": "b", "jpg": jpeg(), "txt": b"a red square"}, seed=0)
+    assert laion_style["label"] == NO_LABEL and laion_style["has_text"] is True
+    batch = collate([imagenet_style, laion_style])
+    assert batch["label"].tolist() == [417, NO_LABEL] and batch["has_text"].tolist() == [False, True]
+    with pytest.raises(Skip) as neither:
+        decoder({"__key__": "c", "jpg": jpeg()}, seed=0)
+    assert neither.value.reason == stats.MISSING_CAPTION
 
 
 def test_class_names_and_templates_come_from_open_clip_or_a_file(tmp_path):

@@ -96,38 +96,57 @@ class SampleDecoder:
     """Decodes and augments one sample; augmentation randomness comes from the seed given with the sample.
     A kept sample that was altered lists why under "__altered__" (reasons from stats.NOT_SKIPS)."""
 
-    def __init__(self, task: str, transform, tokenizer=None, optional_label: bool = False, uses_numpy: bool = False,
+    def __init__(self, task: str, transform, tokenizer=None, evaluation: bool = False, uses_numpy: bool = False,
                  limits: Limits | None = None, num_classes: int | None = None):
         self.task = task
         self.num_classes = num_classes
         self.transform = transform
         self.tokenizer = tokenizer
-        self.optional_label = optional_label  # image-text evaluation keeps KEY.cls when present, for zero-shot
+        self.evaluation = evaluation  # image-text evaluation: a label or a caption, see eval_targets
         self.uses_numpy = uses_numpy
         self.limits = limits or Limits()
 
     def __call__(self, sample: dict, seed: int) -> dict:
         check_member_sizes(sample)
-        out = {}
-        if self.task == "image-text":
-            caption, truncated = read_caption(sample, self.limits.caption_chars)
-            out["text"] = self.tokenizer([caption])[0]
-            if truncated:
-                out["__altered__"] = (stats.TRUNCATED_CAPTION,)
-            if self.optional_label:
-                out["label"] = read_label(sample) if "cls" in sample else NO_LABEL
+        if self.task == "image-text" and self.evaluation:
+            out = self.eval_targets(sample)
+        elif self.task == "image-text":
+            out = self.caption(sample)
         else:
-            out["label"] = read_label(sample, self.num_classes)
+            out = {"label": read_label(sample, self.num_classes)}
         image = read_image(sample, self.limits.image_pixels)
         with seeded_global_rngs(seed, self.uses_numpy):
             out["image"] = self.transform(image)
         return out
 
 
+    def caption(self, sample: dict) -> dict:
+        caption, truncated = read_caption(sample, self.limits.caption_chars)
+        out = {"text": self.tokenizer([caption])[0]}
+        if truncated:
+            out["__altered__"] = (stats.TRUNCATED_CAPTION,)
+        return out
+
+    def eval_targets(self, sample: dict) -> dict:
+        """What an image-text evaluation scores: zero-shot the label (ImageNet-style val shards have no caption),
+        retrieval the caption (LAION-style ones have no label). A sample with neither is skipped; "has_text" tells
+        retrieval which rows hold a real caption."""
+        label = read_label(sample) if "cls" in sample else NO_LABEL
+        try:
+            out = {**self.caption(sample), "has_text": True}
+        except Skip:
+            if label == NO_LABEL:
+                raise
+            out = {"text": torch.zeros_like(self.tokenizer([""])[0]), "has_text": False}
+        return {**out, "label": label}
+
+
 def collate(samples: list[dict]) -> dict:
     batch = {"image": torch.stack([s["image"] for s in samples])}
     if "text" in samples[0]:
         batch["text"] = torch.stack([s["text"] for s in samples])
+    if "has_text" in samples[0]:
+        batch["has_text"] = torch.tensor([s["has_text"] for s in samples])
     if "label" in samples[0]:
         batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
     return batch

@@ -65,7 +65,7 @@ def make_decoder(cfg: DataConfig, train: bool) -> SampleDecoder:
     if train:
         return SampleDecoder(cfg.task, train_transform(cfg), tokenizer, uses_numpy=bool(cfg.augment.randaugment),
                              limits=cfg.limits, num_classes=cfg.num_classes)
-    return SampleDecoder(cfg.task, eval_transform(cfg), tokenizer, optional_label=True, limits=cfg.limits,
+    return SampleDecoder(cfg.task, eval_transform(cfg), tokenizer, evaluation=True, limits=cfg.limits,
                          num_classes=cfg.num_classes)
 
 
@@ -368,6 +368,7 @@ class EvalLoader:
         batch = {"image": torch.zeros(1, 3, size, size), "label": torch.zeros(1, dtype=torch.long), "skipped": {}}
         if self.cfg.task == "image-text":
             batch["text"] = torch.zeros(1, self.cfg.context_length, dtype=torch.long)
+            batch["has_text"] = torch.zeros(1, dtype=torch.bool)
         return batch
 
 
@@ -375,7 +376,8 @@ def build_eval_loader(cfg: DataConfig, *, rank: int, world_size: int, batch_size
     """Finite batches over the val shards, split by shard: rank r reads shards r, r + world_size, ..., so each sample
     is read by one rank only (with fewer shards than ranks, the ranks past the last shard read nothing). Sum metrics
     over ranks. Batches as in training, the last one partial; image-text batches also carry "label" (-1 where a sample
-    has no KEY.cls), so zero-shot accuracy can be measured on shards that have labels."""
+    has no KEY.cls) and "has_text" (False where it has no KEY.txt), so zero-shot accuracy is measured on labelled
+    shards (ImageNet-style, no captions) and retrieval on captioned ones."""
     cfg = resolve_demo(cfg)
     if cfg.val is None:
         raise ValueError("data.val is not set")

@@ -109,8 +109,9 @@ class ImageTextTask(Task):
         for batch in lockstep(loader, self.world):
             image_features, text_features, _ = model(batch["image"].to(device, dtype), batch["text"].to(device))
             if batch["real"]:
-                images.append(image_features.float().cpu())
-                texts.append(text_features.float().cpu())
+                captioned = batch["has_text"]  # a labelled sample without KEY.txt has no caption to find
+                images.append(image_features.float().cpu()[captioned])
+                texts.append(text_features.float().cpu()[captioned])
         images, texts = gather_rows(images), gather_rows(texts)
         self._require_samples(len(images), "image-text")
         metrics = get_clip_metrics(images, texts, logit_scale=1.0)
