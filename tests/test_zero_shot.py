@@ -125,3 +125,16 @@ def test_class_names_and_templates_come_from_open_clip_or_a_file(tmp_path):
     from pretrain.typed_config import ConfigError
     with pytest.raises(ConfigError, match="needs a {} for the class name"):
         zero_shot.templates(str(prompts))
+
+
+def test_a_classification_evaluation_of_nothing_is_an_error_not_zero(tmp_path):
+    from pretrain.engine.tasks import ClassificationTask
+
+    cfg = load_stage_config(str(CONFIG).replace("pretrain.yaml", "finetune.yaml"), ["data.val=/val/in1k-{0..1}.tar"])
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        task = ClassificationTask(cfg, World(rank=0, size=1, local_rank=0, device=torch.device("cpu")))
+        with pytest.raises(EvaluationError, match=r"data.val /val/in1k-\{0..1\}.tar"):
+            task.evaluate(torch.nn.Identity(), [], torch.float32)
+    finally:
+        dist.destroy_process_group()

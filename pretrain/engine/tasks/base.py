@@ -57,6 +57,10 @@ class Task:
         pass
 
 
+class EvaluationError(RuntimeError):
+    """Nothing usable was evaluated: reporting 0.0 would pass a broken val set off as an untrained model."""
+
+
 def build_vision_tower(cfg: StageConfig, num_classes: int, zero_init):
     """Built inside deepspeed.zero.Init for ZeRO-3, so no rank ever holds the whole tower."""
     with zero_init:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.engine.distributed import sum_over_ranks
-from pretrain.engine.tasks.base import Task, build_vision_tower, lockstep
+from pretrain.engine.tasks.base import EvaluationError, Task, build_vision_tower, lockstep
 
 
 class ClassificationTask(Task):
@@ -53,5 +53,7 @@ class ClassificationTask(Task):
                 top5 += (best == labels[:, None]).any(-1).sum().item()
                 total += len(labels)
         counts = sum_over_ranks({"top1": top1, "top5": top5, "total": total}, device)
-        n = max(1, counts["total"])
-        return {"top1": counts["top1"] / n, "top5": counts["top5"] / n, "eval_samples": int(counts["total"])}
+        if counts["total"] == 0:
+            raise EvaluationError(f"no labelled (KEY.cls) sample to evaluate in data.val {self.cfg.data.val}")
+        n = counts["total"]
+        return {"top1": counts["top1"] / n, "top5": counts["top5"] / n, "eval_samples": int(n)}

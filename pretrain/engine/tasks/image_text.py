@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrain.engine.distributed import sum_over_ranks
-from pretrain.engine.tasks.base import Task, build_vision_tower, lockstep
+from pretrain.engine.tasks.base import EvaluationError, Task, build_vision_tower, lockstep
 
 
 class ImageTextModel(nn.Module):
@@ -124,10 +124,6 @@ class ImageTextTask(Task):
             raise EvaluationError(f"no {kind} sample to evaluate in data.val {self.cfg.data.val}"
                                   + ("" if self.cfg.eval.zero_shot is None else
                                      "; zero-shot needs labelled val shards (eval.zero_shot: null scores retrieval)"))
-
-
-class EvaluationError(RuntimeError):
-    """Nothing usable was evaluated: reporting 0.0 would pass a broken val set off as an untrained model."""
 
 
 def gather_rows(parts: list[torch.Tensor]) -> torch.Tensor:
