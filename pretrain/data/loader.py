@@ -23,11 +23,13 @@ per rank (by fork+exec, which is safe) that has imported the workers' modules an
 forks any, so a start costs a fork of a thread-free process and the unpickling of a few KB of dataset; only the first
 start waits for the server's imports.
 """
+import atexit
 import copy
 import dataclasses
 import functools
 import itertools
 import multiprocessing
+import multiprocessing.util  # its exit handler is registered before ours below, so ours runs first
 import os
 import signal
 import threading
@@ -87,6 +89,15 @@ def exit_with_rank() -> None:
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True, name="exit-with-rank").start()
+
+
+@atexit.register
+def kill_data_workers() -> None:
+    """At exit multiprocessing sends its daemonic children SIGTERM and joins them; data workers ignore SIGTERM
+    (ignore_stop_signals), so a process leaving with a persistent loader still open would wait for them for ever."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 def init_worker(worker_id: int) -> None:
