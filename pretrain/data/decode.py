@@ -119,7 +119,6 @@ class SampleDecoder:
             out["image"] = self.transform(image)
         return out
 
-
     def caption(self, sample: dict) -> dict:
         caption, truncated = read_caption(sample, self.limits.caption_chars)
         out = {"text": self.tokenizer([caption])[0]}
