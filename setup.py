@@ -77,7 +77,7 @@ setup(
     description="Distributed pretraining of InternImage vision foundation models",
     python_requires=">=3.10",
     packages=find_packages(include=["pretrain", "pretrain.*", "launch", "launch.*"]),
-    entry_points={"console_scripts": ["pretrain = pretrain.cli:main"]},
+    entry_points={"console_scripts": ["pretrain = launch.cli:main"]},
     ext_modules=dcnv3_extensions(),
     cmdclass={"build_ext": build_ext_command()},
 )

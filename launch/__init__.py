@@ -8,6 +8,7 @@ One concern per module:
   base.py        the Launcher interface `pretrain run` drives
   local.py       stages in sequence, N rank processes each, on this machine
   slurm.py       one submitit job per stage, chained with afterok; preemption/requeue; waiting and cancelling
+  commands/      the `pretrain run` and `pretrain rehearse` commands; cli.py, the `pretrain` command line
 """
 
 

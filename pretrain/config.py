@@ -5,7 +5,7 @@ written into the run directory.
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import yaml
@@ -109,6 +109,7 @@ class TextConfig:
 
 @dataclass
 class OptimConfig:
+    RENAMED: ClassVar[dict[str, str]] = {"offset_lr_scale": "dcn_lr_mul"}  # one name, the release's
     lr: float = 1e-3
     """Peak learning rate at the reference batch `lr_batch` (scaled linearly with the global batch)."""
     lr_batch: int = 512
@@ -121,9 +122,9 @@ class OptimConfig:
     layer_decay: float | None = None
     """The release's layer-wise lr decay: the k-th InternImage layer counted from the last gets lr * layer_decay**k
     (the stem and downsamples follow their neighbouring layers, the heads keep lr); None disables it."""
-    offset_lr_scale: float = 1.0
-    """The release's DCN_LR_MUL: lr multiplier of DCNv3 offset and center-feature-scale parameters (not the mask); as
-    in the release it applies only with layer_decay (H/G fine-tuning: 0.1)."""
+    dcn_lr_mul: float = 1.0
+    """The release's DCN_LR_MUL, by its name: lr multiplier of DCNv3 offset and center-feature-scale parameters (not the
+    mask); as in the release it applies only with layer_decay (H/G fine-tuning: 0.1)."""
     grad_clip: float | None = 5.0
     grad_accumulation: int = 1
 
@@ -131,7 +132,7 @@ class OptimConfig:
         _positive("optim.", lr=self.lr, lr_batch=self.lr_batch, eps=self.eps, grad_clip=self.grad_clip,
                   grad_accumulation=self.grad_accumulation)
         _non_negative("optim.", min_lr=self.min_lr, warmup_steps=self.warmup_steps, weight_decay=self.weight_decay,
-                      offset_lr_scale=self.offset_lr_scale)
+                      dcn_lr_mul=self.dcn_lr_mul)
         if not all(0 <= beta < 1 for beta in self.betas):
             raise ConfigError(f"optim.betas must both be in [0, 1), got {list(self.betas)}")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
@@ -260,10 +261,10 @@ class StageConfig:
         _positive("", max_steps=self.max_steps, batch_size=self.batch_size, num_classes=self.num_classes)
         if not self.run_dir:
             raise ConfigError("run_dir must not be empty")
-        samples = task_class(self.task).train_samples
-        if self.data.task != samples:
-            raise ConfigError(f"data.task ({self.data.task!r}) must be {samples!r}, the samples task {self.task!r} "
-                              "trains on")
+        trains_on = task_class(self.task).train_format
+        if self.data.format != trains_on:
+            raise ConfigError(f"data.format ({self.data.format!r}) must be {trains_on!r}, the sample format task "
+                              f"{self.task!r} trains on")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.eval.ema and self.ema_decay is None:
@@ -313,8 +314,8 @@ class StageConfig:
 def load_stage_config(path: str | Path, overrides: list[str] = ()) -> StageConfig:
     """Read a stage YAML, apply `key.path=value` overrides, and validate the result."""
     data = apply_overrides(load_yaml(path), list(overrides))
-    samples = task_class(data.get("task", StageConfig.task)).train_samples
-    data.setdefault("data", {}).setdefault("task", samples)  # said once, by the stage's task
+    trains_on = task_class(data.get("task", StageConfig.task)).train_format
+    data.setdefault("data", {}).setdefault("format", trains_on)  # said once, by the stage's task
     return from_dict(StageConfig, data)
 
 

@@ -56,7 +56,7 @@ def check_stage(name: str, cfg, zero_shot_classes: int | None) -> list[str]:
             problems.append(f"stage {name}: source {source.shards}: {error}")
             continue
         if not usable:
-            problems.append(f"stage {name}: source {source.shards}: no usable {data.task} sample in "
+            problems.append(f"stage {name}: source {source.shards}: no usable {data.format} sample in "
                             f"{len(spread(expand_shards(source.shards)))} shards read ({_skips(skips)})")
     if data.val:
         problems += _check_val(name, cfg, zero_shot_classes)

@@ -25,6 +25,7 @@ def from_dict(cls, data: dict | None, where: str = ""):
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    _refuse_old_names(cls, data, where)
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
@@ -39,6 +40,15 @@ def from_dict(cls, data: dict | None, where: str = ""):
         if where and message.startswith(where.split("[")[0]):  # sections that name their keys already (data.*)
             raise ConfigError(message) from error
         raise ConfigError(f"{where or 'config'}: {message}") from error
+
+
+def _refuse_old_names(cls, data: dict, where: str) -> None:
+    """A key a release of this project renamed (the class's RENAMED table, old -> new) is refused with its new name:
+    an old config would otherwise get the list of valid keys, or worse, a default in place of its value."""
+    renamed = getattr(cls, "RENAMED", {})
+    for old in sorted(set(data) & set(renamed)):
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"{prefix}{old} is now {prefix}{renamed[old]}: rename it in the config")
 
 
 def _convert(hint, value, where: str):

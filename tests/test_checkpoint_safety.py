@@ -50,7 +50,7 @@ def crafted_checkpoint(reference_dir: Path, tmp_path: Path, marker: Path) -> Pat
 
 def resume(run_dir: Path, nproc: int) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{TESTS}{os.pathsep}{REPO}"}
-    return subprocess.run([sys.executable, "-m", "pretrain", "run", str(REPO / "configs/demo/pretrain.yaml"),
+    return subprocess.run([sys.executable, "-m", "launch", "run", str(REPO / "configs/demo/pretrain.yaml"),
                            "--launcher", "local", "--nproc", str(nproc), "--engine", "fault_engine",
                            f"run_dir={run_dir}", "max_steps=14", "batch_size=16", "logging.progress_bar=false",
                            "data.demo_root=" + str(REPO / "data/demo")],
@@ -81,7 +81,7 @@ def test_universal_conversion_refuses_a_crafted_checkpoint(reference_run, tmp_pa
 def test_consolidate_refuses_a_crafted_checkpoint(reference_run, tmp_path):
     marker = tmp_path / "payload-ran"
     checkpoints = crafted_checkpoint(reference_run[0], tmp_path, marker)
-    proc = subprocess.run([sys.executable, "-m", "pretrain", "consolidate", str(checkpoints), "--out",
+    proc = subprocess.run([sys.executable, "-m", "launch", "consolidate", str(checkpoints), "--out",
                            str(tmp_path / "export")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.startswith("pretrain consolidate: refused to load") and len(proc.stderr.splitlines()) == 1

@@ -1,10 +1,12 @@
 """Input is checked before any rank starts: a bad value, an unknown key or a missing file is one line naming it and exit
 status 2; numbers read as people write them; stage names and SLURM options never reach an sbatch script unchecked."""
+import pathlib
 import re
 import subprocess
 import sys
 
 import pytest
+import yaml
 
 from conftest import CONFIG, REPO
 from pretrain.config import load_stage_config
@@ -82,8 +84,21 @@ def test_pretrain_run_with_a_bad_config_says_one_line_and_starts_no_rank(tmp_pat
     assert not (tmp_path / "config.yaml").exists()
 
 
+@pytest.mark.parametrize("old, new, value", [("data.task", "data.format", "image-text"),
+                                            ("optim.offset_lr_scale", "optim.dcn_lr_mul", 0.1)])
+def test_an_old_config_with_a_renamed_key_is_refused_with_the_new_name(tmp_path, capsys, old, new, value):
+    section, old_key = old.split(".")
+    written_before = yaml.safe_load(pathlib.Path(CONFIG).read_text())
+    written_before[section][old_key] = value
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(written_before))
+    assert run_cli([str(tmp_path / "old.yaml"), f"run_dir={tmp_path}"]) == 2
+    out, err = capsys.readouterr()
+    assert not out and err.count("\n") == 1 and err.endswith(f"{old} is now {new}: rename it in the config\n")
+    assert load_stage_config(CONFIG, [f"{new}={value}"]).to_dict()[section][new.split(".")[1]] == value
+
+
 def test_the_command_line_says_it_in_one_line_with_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pretrain", "run", CONFIG, "--nproc", "2", f"run_dir={tmp_path}",
+    proc = subprocess.run([sys.executable, "-m", "launch", "run", CONFIG, "--nproc", "2", f"run_dir={tmp_path}",
                            "logging.every=0"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and not proc.stdout
     assert proc.stderr == f"pretrain run: stage 'pretrain' ({CONFIG}): logging.every must be > 0, got 0\n"

@@ -13,7 +13,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pretrain import cli
+from launch import cli
 from pretrain.data import DataConfig, build_eval_loader, ensure_demo_shards, zero_shot_classes
 from pretrain.data.check import check_shards
 
@@ -25,8 +25,9 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
 
 
-def data_check(pattern: str, task: str) -> tuple[int, dict]:
-    proc = run("-m", "pretrain", "data", "check", pattern, "--task", task, "--workers", "2", "--image-size", "16")
+def data_check(pattern: str, sample_format: str) -> tuple[int, dict]:
+    proc = run("-m", "launch", "data", "check", pattern, "--format", sample_format, "--workers", "2",
+               "--image-size", "16")
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1, proc.stdout + proc.stderr
     return proc.returncode, json.loads(lines[0])
@@ -110,7 +111,7 @@ def test_demo_shards(tmp_path):
     with pytest.raises(ValueError, match="image_size"):
         ensure_demo_shards(str(tmp_path / "demo"), image_size=64)
 
-    cfg = DataConfig(task="image-text", demo_root=str(tmp_path / "demo"), workers=0, image_size=32)
+    cfg = DataConfig(format="image-text", demo_root=str(tmp_path / "demo"), workers=0, image_size=32)
     batch = next(iter(build_eval_loader(cfg, rank=0, world_size=1, batch_size=8)))
     assert batch["image"].shape == (8, 3, 32, 32) and batch["text"].shape == (8, 77)
     assert set(batch["label"].tolist()) <= set(range(10))

@@ -20,7 +20,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset
 
-from pretrain import cli
+from launch import cli
 from pretrain.config import load_stage_config
 from pretrain.data import DataConfig, build_eval_loader, build_train_loader, get_tokenizer
 from pretrain.data.check import check_shards
@@ -141,7 +141,7 @@ def test_a_huge_caption_is_truncated_before_tokenising(tmp_path):
     assert len(caption) > 3_000_000
     shard = image_text_shard(tmp_path / "00000.tar", [{"jpg": image_bytes(), "txt": caption},
                                                       {"jpg": image_bytes(), "txt": "a short one"}])
-    cfg = DataConfig(task="image-text", train=[{"shards": shard}], val=shard, workers=0, image_size=16)
+    cfg = DataConfig(format="image-text", train=[{"shards": shard}], val=shard, workers=0, image_size=16)
     (batch,) = build_eval_loader(cfg, rank=0, world_size=1, batch_size=2)
     assert batch["skipped"] == {"truncated_caption": 1} and skipped_total(batch["skipped"]) == 0
     tokenizer = get_tokenizer(77)
@@ -163,7 +163,7 @@ def unreadable_shards(tmp_path) -> str:
 @pytest.mark.parametrize("resampled, workers", [(True, 0), (True, 1)])  # true epochs: test_data_resume.py
 def test_a_source_of_unreadable_shards_raises_naming_it(unreadable_shards, tmp_path, resampled, workers):
     good = image_text_shard(tmp_path / "good.tar", [{"jpg": image_bytes(), "txt": "fine"}] * 4)
-    cfg = DataConfig(task="image-text", train=[{"shards": good}, {"shards": unreadable_shards}], resampled=resampled,
+    cfg = DataConfig(format="image-text", train=[{"shards": good}, {"shards": unreadable_shards}], resampled=resampled,
                      samples_per_epoch=8, workers=workers, image_size=16, shuffle_buffer=2,
                      limits={"shard_failures": 5})
     message = f"data source '{unreadable_shards}': 5 shards in a row gave no readable sample"
@@ -186,7 +186,7 @@ def test_data_check_takes_the_limits(tmp_path, capsys):
 
     def data_check(*flags: str) -> tuple[int, dict]:
         with pytest.raises(SystemExit) as exit_info:
-            cli.main(["data", "check", shard, "--task", "image-text", "--image-size", "16", *flags])
+            cli.main(["data", "check", shard, "--format", "image-text", "--image-size", "16", *flags])
         return exit_info.value.code, json.loads(capsys.readouterr().out)
 
     code, report = data_check("--image-pixels", "320")
@@ -209,7 +209,7 @@ def test_workers_start_from_the_forkserver(tmp_path):
     with open(f"/proc/{int(ppid)}/status") as status:
         assert "Threads:\t1\n" in status.read()
     shard = image_text_shard(tmp_path / "00000.tar", [{"jpg": image_bytes(), "txt": "one"}])
-    cfg = DataConfig(task="image-text", train=[{"shards": shard}], val=shard, workers=1, image_size=16)
+    cfg = DataConfig(format="image-text", train=[{"shards": shard}], val=shard, workers=1, image_size=16)
     loader = build_eval_loader(cfg, rank=0, world_size=1, batch_size=1)
     assert loader.loader.multiprocessing_context.get_start_method() == "forkserver"
     (batch,) = loader

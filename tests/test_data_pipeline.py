@@ -35,7 +35,7 @@ class Touch:
         return pathlib.Path.touch, (pathlib.Path(self.path),)
 
 
-def write_shards(folder: pathlib.Path, n_shards: int, per_shard: int, *, task: str = "classification",
+def write_shards(folder: pathlib.Path, n_shards: int, per_shard: int, *, sample_format: str = "classification",
                  sizes: bool = True, first_label: int = 0) -> str:
     """Shards in img2dataset's layout with keys of varying length; labels (and captions) number the samples."""
     rng = np.random.default_rng(0)
@@ -46,7 +46,7 @@ def write_shards(folder: pathlib.Path, n_shards: int, per_shard: int, *, task: s
                 label = first_label + shard * per_shard + i
                 key = f"{shard:05d}{i:0{4 + shard % 3}d}"  # key length differs from shard to shard
                 sample = {"__key__": key, "jpg": jpeg(rng), "cls": str(label)}
-                if task == "image-text":
+                if sample_format == "image-text":
                     sample.update(txt=f"sample number {label}", json=json.dumps({"key": key, "status": "success"}))
                 tar.write(sample)
     if sizes:
@@ -58,7 +58,7 @@ def write_shards(folder: pathlib.Path, n_shards: int, per_shard: int, *, task: s
 def broken_shards(tmp_path_factory):
     """Two good image-text shards of 6, and a third with one good sample beside every kind of bad one."""
     folder = tmp_path_factory.mktemp("broken")
-    write_shards(folder, 2, 6, task="image-text", sizes=False)
+    write_shards(folder, 2, 6, sample_format="image-text", sizes=False)
     rng = np.random.default_rng(1)
     good = jpeg(rng)
     marker = folder / "unpickled"
@@ -74,7 +74,7 @@ def broken_shards(tmp_path_factory):
 
 
 def classification_cfg(pattern: str, **overrides) -> DataConfig:
-    settings = dict(task="classification", train=[{"shards": pattern}], val=pattern, workers=2, image_size=16,
+    settings = dict(format="classification", train=[{"shards": pattern}], val=pattern, workers=2, image_size=16,
                     shuffle_buffer=8)
     return DataConfig(**{**settings, **overrides})
 
@@ -92,7 +92,7 @@ def test_bad_samples_are_skipped_counted_and_never_unpickled(broken_shards):
 
 
 def test_skip_counts_reach_the_main_process(broken_shards):
-    cfg = DataConfig(task="image-text", train=[{"shards": broken_shards["pattern"]}], samples_per_epoch=64,
+    cfg = DataConfig(format="image-text", train=[{"shards": broken_shards["pattern"]}], samples_per_epoch=64,
                      workers=2, image_size=16, shuffle_buffer=8)
     loader = build_train_loader(cfg, rank=0, world_size=1, batch_size=4, seed=0)
     batches = list(itertools.islice(loader, loader.steps_per_epoch))
@@ -228,7 +228,7 @@ def test_epoch_size_from_img2dataset_stats(tmp_path):
 
 
 def test_config_from_a_plain_dict():
-    cfg = data_config_from_dict({"task": "classification", "train": [{"shards": "a/{0..3}.tar", "weight": 2}],
+    cfg = data_config_from_dict({"format": "classification", "train": [{"shards": "a/{0..3}.tar", "weight": 2}],
                                  "augment": {"mixup": 0.8, "crop_scale": [0.5, 1.0]}})
     assert cfg.train[0].weight == 2 and cfg.augment.crop_scale == (0.5, 1.0)
     with pytest.raises(ValueError, match="shuffle_bufer"):
@@ -240,7 +240,7 @@ def test_config_from_a_plain_dict():
 
 
 def test_mixup_is_reproducible_and_resumable():
-    cfg = DataConfig(task="classification", train=[{"shards": "x.tar"}],
+    cfg = DataConfig(format="classification", train=[{"shards": "x.tar"}],
                      augment={"mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1})
     images, targets = torch.randn(4, 3, 8, 8), torch.arange(4)
     first = build_mixup(cfg, num_classes=10, seed=1)
@@ -252,7 +252,7 @@ def test_mixup_is_reproducible_and_resumable():
     got = second(images.clone(), targets)
     assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])
     assert got[1].shape == (4, 10)
-    assert build_mixup(DataConfig(task="classification", train=[{"shards": "x.tar"}]), num_classes=10) is None
+    assert build_mixup(DataConfig(format="classification", train=[{"shards": "x.tar"}]), num_classes=10) is None
 
 
 def test_a_stream_of_nothing_but_bad_samples_is_an_error(broken_shards, monkeypatch):

@@ -139,9 +139,9 @@ def test_a_world_size_change_continues_a_resampled_stream(forty_shards):
 
 def test_a_source_that_yields_nothing_fails_naming_it_while_others_yield(tmp_path, monkeypatch):
     monkeypatch.setattr("pretrain.data.pipeline.MAX_SKIPS_IN_A_ROW", 20)
-    good = write_shards(tmp_path / "good", 2, 10, task="image-text")
+    good = write_shards(tmp_path / "good", 2, 10, sample_format="image-text")
     no_captions = write_shards(tmp_path / "yfcc", 2, 10)  # classification shards: no KEY.txt
-    cfg = DataConfig(task="image-text", train=[{"shards": good}, {"shards": no_captions}], samples_per_epoch=400,
+    cfg = DataConfig(format="image-text", train=[{"shards": good}, {"shards": no_captions}], samples_per_epoch=400,
                      workers=0, image_size=16, shuffle_buffer=4)
     message = f"data source {no_captions!r}: 20 samples in a row were unusable (last: missing_caption"
     with pytest.raises(RuntimeError, match=re.escape(message)):

@@ -8,7 +8,7 @@ from conftest import REPO
 
 def test_shortened_demo_schedule(tmp_path):
     run_dir = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "pretrain", "run", "configs/schedules/demo.yaml", "--launcher", "local", "--nproc", "2",
+    cmd = [sys.executable, "-m", "launch", "run", "configs/schedules/demo.yaml", "--launcher", "local", "--nproc", "2",
            f"run_dir={run_dir}", "max_steps=8", "checkpoint.every=4", "logging.every=4", "logging.progress_bar=false"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

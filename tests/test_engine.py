@@ -76,7 +76,7 @@ def test_consolidation_equals_zero_to_fp32(reference_run, tmp_path):
     from pretrain.models import create_model, load_official_checkpoint
 
     run_dir, _ = reference_run
-    out = subprocess.run([sys.executable, "-m", "pretrain", "consolidate", str(run_dir / "checkpoints"),
+    out = subprocess.run([sys.executable, "-m", "launch", "consolidate", str(run_dir / "checkpoints"),
                           "--out", str(tmp_path), "--dtype", "fp16"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     backbone = load_file(str(tmp_path / "backbone.safetensors"))

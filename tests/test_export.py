@@ -41,7 +41,7 @@ def exported(reference_run, tmp_path_factory):
 
     run_dir, _ = reference_run
     out = tmp_path_factory.mktemp("export")
-    proc = subprocess.run([sys.executable, "-m", "pretrain", "consolidate", str(run_dir / "checkpoints"), "--out",
+    proc = subprocess.run([sys.executable, "-m", "launch", "consolidate", str(run_dir / "checkpoints"), "--out",
                            str(out), "--dtype", "fp32"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((run_dir / "result.json").read_text())  # the run's own evaluation (2 ranks, shards)

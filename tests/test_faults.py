@@ -52,7 +52,7 @@ def launch(run_dir: Path, fault: str | None, *overrides, act=None, config=CONFIG
     (run_dir / "fault.json").unlink(missing_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{TESTS}{os.pathsep}{REPO}",
            "PRETRAIN_FAULT": fault or ""}
-    proc = subprocess.Popen([sys.executable, "-m", "pretrain", "run", config, "--launcher", "local", "--nproc", "2",
+    proc = subprocess.Popen([sys.executable, "-m", "launch", "run", config, "--launcher", "local", "--nproc", "2",
                              "--engine", "fault_engine", f"run_dir={run_dir}", *FAST, *overrides],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if act is not None:

@@ -21,7 +21,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{TESTS}{os.pathsep}
 
 def start(run_dir: Path, *overrides) -> subprocess.Popen:
     """`pretrain run` on 2 local ranks of the real engine (fault_engine records each rank's pid in RUN_DIR/pids)."""
-    return subprocess.Popen([sys.executable, "-m", "pretrain", "run", CONFIG, "--launcher", "local", "--nproc", "2",
+    return subprocess.Popen([sys.executable, "-m", "launch", "run", CONFIG, "--launcher", "local", "--nproc", "2",
                              "--engine", "fault_engine", f"run_dir={run_dir}", *FAST, *overrides],
                             cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -8,7 +8,7 @@ import yaml
 
 from launch import rendezvous
 from launch.schedule import build_plan, ensure_export, write_summary
-from pretrain.commands import run
+from launch.commands import run
 
 SLURM_ENV = {
     "SLURM_JOB_ID": "42", "SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1",

@@ -30,7 +30,7 @@ def test_activation_checkpointing_cuts_internimage_b_activations_by_more_than_3x
 
 
 def test_estimate_memory_command_reports_the_h_schedule_fits_80gb():
-    out = subprocess.run([sys.executable, "-m", "pretrain", "estimate-memory", str(REPO / "configs/demo/finetune.yaml"),
+    out = subprocess.run([sys.executable, "-m", "launch", "estimate-memory", str(REPO / "configs/demo/finetune.yaml"),
                           *B_224, "model.activation_checkpointing=true", "--nodes", "2", "--gpus-per-node", "8"],
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]

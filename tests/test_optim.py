@@ -67,7 +67,7 @@ def ours(model, cfg) -> dict[str, tuple[float, float]]:
 def test_param_groups_are_the_releases(name, layer_decay):
     overrides = [] if layer_decay else ["optim.layer_decay=null"]
     cfg = load_stage_config(H_FINETUNE, overrides)
-    assert (cfg.optim.layer_decay, cfg.optim.offset_lr_scale, cfg.optim.weight_decay) == \
+    assert (cfg.optim.layer_decay, cfg.optim.dcn_lr_mul, cfg.optim.weight_decay) == \
         ((0.9 if layer_decay else None), 0.1, 0.05)
     with torch.device("meta"):
         model = create_model(name)

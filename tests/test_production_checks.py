@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from conftest import REPO
-from pretrain import cli
+from launch import cli
 from pretrain.config import load_stage_config
 from pretrain.data.shards import expand_shards
 from pretrain.typed_config import ConfigError

@@ -75,7 +75,8 @@ ROWS = {  # hyper-parameter: (the release's value from its config, ours from the
     "grad clip": (lambda r: r["TRAIN.CLIP_GRAD"], lambda c: c.optim.grad_clip),
     "layer-wise lr decay": (lambda r: r["TRAIN.LR_LAYER_DECAY_RATIO"] if r["TRAIN.LR_LAYER_DECAY"] else None,
                             lambda c: c.optim.layer_decay),
-    "DCN lr multiplier": (lambda r: r["TRAIN.OPTIMIZER.DCN_LR_MUL"], lambda c: c.optim.offset_lr_scale),
+    "DCN lr multiplier (release `TRAIN.OPTIMIZER.DCN_LR_MUL`, ours `optim.dcn_lr_mul`)":
+        (lambda r: r["TRAIN.OPTIMIZER.DCN_LR_MUL"], lambda c: c.optim.dcn_lr_mul),
     "drop path": (lambda r: r["MODEL.DROP_PATH_RATE"], lambda c: c.model.args.drop_path_rate),
     "label smoothing": (lambda r: r["MODEL.LABEL_SMOOTHING"], lambda c: c.data.augment.label_smoothing),
     "mixup / cutmix alpha": (lambda r: (r["AUG.MIXUP"], r["AUG.CUTMIX"]),

@@ -5,7 +5,7 @@ import json
 import os
 
 from production_data import classification_shards, img2dataset_source, production_configs, write_production_data
-from pretrain import cli
+from launch import cli
 from pretrain.config import load_stage_config
 
 import pytest

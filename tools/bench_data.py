@@ -65,7 +65,7 @@ def time_batches(loader, n_batches: int, batch_size: int) -> float:
 def ours(pattern: str, samples: int, batch_size: int, workers: int) -> float:
     from pretrain.data import DataConfig, build_train_loader
 
-    cfg = DataConfig(task="image-text", train=[{"shards": pattern}], samples_per_epoch=samples, workers=workers,
+    cfg = DataConfig(format="image-text", train=[{"shards": pattern}], samples_per_epoch=samples, workers=workers,
                      image_size=224, augment={"crop_scale": (0.9, 1.0), "hflip": 0.0})
     loader = build_train_loader(cfg, rank=0, world_size=1, batch_size=batch_size, seed=0)
     return time_batches(loader, loader.steps_per_epoch, batch_size)

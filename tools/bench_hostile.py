@@ -113,7 +113,7 @@ def unreadable_source(folder: Path, bounded: bool) -> str:
     good = str(folder / "caption.tar")
     broken = str(folder / "broken{0..2}.tar")
     if bounded:
-        cfg = DataConfig(task="image-text", train=[{"shards": good}, {"shards": broken}], samples_per_epoch=8,
+        cfg = DataConfig(format="image-text", train=[{"shards": good}, {"shards": broken}], samples_per_epoch=8,
                          workers=0, image_size=16, shuffle_buffer=2)
         try:
             next(iter(build_train_loader(cfg, rank=0, world_size=1, batch_size=2, seed=0)))

@@ -72,7 +72,7 @@ def startup_check(folder: Path, n: int = 44_000) -> dict:
 
 
 def eval_reads(pattern: str, world_size: int) -> dict:
-    cfg = DataConfig(task="classification", train=[{"shards": pattern}], val=pattern, workers=0, image_size=16)
+    cfg = DataConfig(format="classification", train=[{"shards": pattern}], val=pattern, workers=0, image_size=16)
     per_rank = []
     for rank in range(world_size):
         READS.clear()
@@ -92,7 +92,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         pattern = write_shards(Path(tmp), args.shards, args.per_shard)
         for resampled in (True, False):
-            cfg = DataConfig(task="classification", train=[{"shards": pattern}], resampled=resampled, workers=0,
+            cfg = DataConfig(format="classification", train=[{"shards": pattern}], resampled=resampled, workers=0,
                              image_size=16, shuffle_buffer=args.buffer)
             for step in (25, 250):
                 print(json.dumps(resume_cost(cfg, step)), flush=True)

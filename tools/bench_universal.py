@@ -24,7 +24,7 @@ def main():
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
-        subprocess.run([sys.executable, "-m", "pretrain", "run", str(REPO / "configs/demo/pretrain.yaml"),
+        subprocess.run([sys.executable, "-m", "launch", "run", str(REPO / "configs/demo/pretrain.yaml"),
                         "--launcher", "local", "--nproc", "2", f"run_dir={run_dir}", f"model.name={args.model}",
                         "model.args={}", f"data.image_size={args.image_size}", "max_steps=1", "batch_size=4",
                         "optim.warmup_steps=0", "logging.every=1", "logging.progress_bar=false",

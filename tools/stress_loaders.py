@@ -129,7 +129,7 @@ def loader_starts(cfg, world):
 
     train = build_train_loader(cfg.data, rank=world.rank, world_size=world.size, batch_size=cfg.batch_size,
                                seed=cfg.seed)
-    eval_data = dataclasses.replace(cfg.data, task="classification")  # as the trainer's zero-shot evaluation
+    eval_data = dataclasses.replace(cfg.data, format="classification")  # as the trainer's zero-shot evaluation
 
     def pull_train():
         batches = iter(train)

@@ -1,5 +1,5 @@
-"""`pretrain data check SHARDS --task ...`: one pass over shards; prints one JSON line of counts."""
-TASKS = ("image-text", "classification")
+"""`pretrain data check SHARDS --format ...`: one pass over shards; prints one JSON line of counts."""
+FORMATS = ("image-text", "classification")  # pretrain.data.config.SAMPLE_FORMATS, without importing the data layer
 
 
 def add_arguments(parser) -> None:
@@ -9,7 +9,7 @@ def add_arguments(parser) -> None:
                                        "samples, skipped and skipped_by_reason. Exit 1 if a shard cannot be read or "
                                        "no sample survives, 2 if the shards cannot be listed.")
     check.add_argument("shards", help="brace pattern, '::'-joined list or pipe: URL of tar shards")
-    check.add_argument("--task", choices=TASKS, required=True)
+    check.add_argument("--format", choices=FORMATS, required=True, help="the sample format the shards hold")
     check.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     check.add_argument("--batch-size", type=int, default=64)
     check.add_argument("--image-size", type=int, default=224)
@@ -27,7 +27,7 @@ def main(args) -> int:
     limits = {key: getattr(args, key) for key in ("member_bytes", "image_pixels", "caption_chars")
               if getattr(args, key) is not None}
     try:
-        report = check_shards(args.shards, args.task, workers=args.workers, batch_size=args.batch_size,
+        report = check_shards(args.shards, args.format, workers=args.workers, batch_size=args.batch_size,
                               image_size=args.image_size, limits=limits)
     except (FileNotFoundError, ValueError) as error:
         print(json.dumps({"error": str(error), "samples": 0, "skipped": 0, "skipped_by_reason": {}}))

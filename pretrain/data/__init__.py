@@ -7,8 +7,8 @@ Interface for the training engine:
     loader.load_state_dict(ckpt["data"])              # per rank; optional
     for step, batch in zip(range(start, total), loader):   # endless, epoch after epoch
         batch["image"]    # float (B, 3, H, W), normalised
-        batch["text"]     # long (B, context_length)      -- task "image-text"
-        batch["label"]    # long (B,)                      -- task "classification"
+        batch["text"]     # long (B, context_length)      -- data.format "image-text"
+        batch["label"]    # long (B,)                      -- data.format "classification"
         batch["skipped"]  # {reason: count} since the previous batch (from the worker): bad samples skipped, and
                           # samples kept but altered (reasons in stats.NOT_SKIPS; stats.skipped_total counts skips only)
         ckpt["data"] = loader.state_dict()            # position after this batch; save every rank's own
@@ -18,7 +18,7 @@ Interface for the training engine:
     build_mixup(cfg, num_classes, seed=s)             # BatchMixup (images, labels) -> (images, soft targets), or None
     get_tokenizer(context_length)                     # CLIP BPE, tokenizer(list_of_texts) -> (N, context_length)
     zero_shot_classes()                               # demo: (class names, prompt templates)
-    ensure_demo_shards(root)                          # demo: {task: {"train"|"val": pattern}}
+    ensure_demo_shards(root)                          # demo: {format: {"train"|"val": pattern}}
 
 A resumed loader yields exactly the batches the uninterrupted one would have (see loader.py for how). Workers start
 from a forkserver (loader.py), so a script that builds loaders must guard its top level with

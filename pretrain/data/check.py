@@ -19,13 +19,13 @@ class CheckStream(EvalStream):
         yield {"samples": 0, "skipped": counter.drain()}
 
 
-def check_shards(pattern: str, task: str, *, workers: int = 0, batch_size: int = 64, image_size: int = 224,
+def check_shards(pattern: str, sample_format: str, *, workers: int = 0, batch_size: int = 64, image_size: int = 224,
                  limits: Limits | dict | None = None) -> dict:
     """Counts for one pass over the shards (one rank), under the training's data.limits (defaults unless given).
     Samples kept but altered (a truncated caption) are counted apart from the skips. Raises FileNotFoundError or
     ValueError if the shards cannot be listed or a limit is invalid."""
-    cfg = DataConfig(task=task, train=[{"shards": pattern}], val=pattern, workers=workers, image_size=image_size,
-                     limits=limits or {})
+    cfg = DataConfig(format=sample_format, train=[{"shards": pattern}], val=pattern, workers=workers,
+                     image_size=image_size, limits=limits or {})
     urls = shards.expand_shards(pattern)
     dataset = CheckStream(cfg, urls, batch_size=batch_size)
     samples, reasons = 0, collections.Counter()

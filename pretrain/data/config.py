@@ -2,13 +2,14 @@
 pretrain.typed_config (the one validator); built directly, `DataConfig(train=[{...}], augment={...})`, its sections go
 through the same validator."""
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from pretrain.typed_config import from_dict
 
 SAMPLE_FORMATS = ("image-text", "classification")
-"""The shard layouts decode.py reads; a task names the one its shards hold."""
+"""The shard layouts decode.py reads (data.format); each task of the engine trains on one of them."""
 
 
 def _section(cls, value, where: str):
@@ -106,8 +107,11 @@ class Limits:
 class DataConfig:
     """Where the shards are and how samples become batches. Every random stream derives from the run seed."""
 
-    task: str = "image-text"
-    """"image-text" (KEY.jpg/png/webp + KEY.txt, img2dataset's layout) or "classification" (KEY.jpg + KEY.cls)."""
+    RENAMED: ClassVar[dict[str, str]] = {"task": "format"}  # data.task named the format beside the stage's task
+
+    format: str = "image-text"
+    """The sample format the shards hold: "image-text" (KEY.jpg/png/webp + KEY.txt, img2dataset's layout) or
+    "classification" (KEY.jpg + KEY.cls)."""
     train: list[Source] = field(default_factory=list)
     """Training sources, mixed per sample by weight."""
     val: str | None = None
@@ -135,8 +139,8 @@ class DataConfig:
         self.train = [_section(Source, s, f"data.train[{i}]") for i, s in enumerate(self.train)]
         self.augment = _section(Augment, self.augment, "data.augment")
         self.limits = _section(Limits, self.limits, "data.limits")
-        if self.task not in SAMPLE_FORMATS:
-            raise ValueError(f"data.task must be one of {SAMPLE_FORMATS}, got {self.task!r}")
+        if self.format not in SAMPLE_FORMATS:
+            raise ValueError(f"data.format must be one of {SAMPLE_FORMATS}, got {self.format!r}")
         if not self.train and self.demo_root is None:
             raise ValueError("data.train needs at least one source (or set data.demo_root)")
         if self.samples_per_epoch is not None and self.samples_per_epoch <= 0:
@@ -144,7 +148,7 @@ class DataConfig:
         if self.workers < 0 or self.image_size <= 0 or self.context_length <= 0 or self.shuffle_buffer <= 0:
             raise ValueError("data.workers must be >= 0; image_size, context_length, shuffle_buffer must be > 0")
         augment = self.augment
-        if self.task == "image-text" and (augment.randaugment or augment.mixup or augment.cutmix):
+        if self.format == "image-text" and (augment.randaugment or augment.mixup or augment.cutmix):
             raise ValueError("data.augment.randaugment/mixup/cutmix apply to classification only")
 
 

@@ -96,9 +96,9 @@ class SampleDecoder:
     """Decodes and augments one sample; augmentation randomness comes from the seed given with the sample.
     A kept sample that was altered lists why under "__altered__" (reasons from stats.NOT_SKIPS)."""
 
-    def __init__(self, task: str, transform, tokenizer=None, evaluation: bool = False, uses_numpy: bool = False,
-                 limits: Limits | None = None, num_classes: int | None = None):
-        self.task = task
+    def __init__(self, sample_format: str, transform, tokenizer=None, evaluation: bool = False,
+                 uses_numpy: bool = False, limits: Limits | None = None, num_classes: int | None = None):
+        self.format = sample_format
         self.num_classes = num_classes
         self.transform = transform
         self.tokenizer = tokenizer
@@ -108,9 +108,9 @@ class SampleDecoder:
 
     def __call__(self, sample: dict, seed: int) -> dict:
         check_member_sizes(sample)
-        if self.task == "image-text" and self.evaluation:
+        if self.format == "image-text" and self.evaluation:
             out = self.eval_targets(sample)
-        elif self.task == "image-text":
+        elif self.format == "image-text":
             out = self.caption(sample)
         else:
             out = {"label": read_label(sample, self.num_classes)}

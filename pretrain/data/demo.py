@@ -41,7 +41,7 @@ def split_indices(n: int) -> dict[str, np.ndarray]:
 
 
 def demo_samples(image_size: int) -> dict[str, dict[str, list[dict]]]:
-    """{task: {split: samples}}; image-text samples carry KEY.cls too, for zero-shot accuracy."""
+    """{sample_format: {split: samples}}; image-text samples carry KEY.cls too, for zero-shot accuracy."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -62,19 +62,19 @@ def demo_samples(image_size: int) -> dict[str, dict[str, list[dict]]]:
 
 def _write_all(root: str, image_size: int) -> dict[str, dict[str, str]]:
     return {
-        task: {split: write_shards(samples, os.path.join(root, task, split), SAMPLES_PER_SHARD)
+        sample_format: {split: write_shards(samples, os.path.join(root, sample_format, split), SAMPLES_PER_SHARD)
                for split, samples in splits.items()}
-        for task, splits in demo_samples(image_size).items()
+        for sample_format, splits in demo_samples(image_size).items()
     }
 
 
 def _patterns(root: str, meta: dict) -> dict[str, dict[str, str]]:
-    return {task: {split: os.path.join(root, pattern) for split, pattern in splits.items()}
-            for task, splits in meta["patterns"].items()}
+    return {sample_format: {split: os.path.join(root, pattern) for split, pattern in splits.items()}
+            for sample_format, splits in meta["patterns"].items()}
 
 
 def ensure_demo_shards(root: str, image_size: int = 32) -> dict[str, dict[str, str]]:
-    """Build the demo shards under `root` unless there already; returns {task: {"train"|"val": shard pattern}}.
+    """Build the demo shards under `root` unless there already; returns {sample_format: {"train"|"val": shard pattern}}.
 
     Several ranks may call this at once: each builds in a temporary folder and the first to rename it into place wins.
     """
@@ -85,8 +85,8 @@ def ensure_demo_shards(root: str, image_size: int = 32) -> dict[str, dict[str, s
         os.makedirs(parent, exist_ok=True)
         scratch = tempfile.mkdtemp(prefix=".demo-", dir=parent)
         patterns = _write_all(scratch, image_size)
-        relative = {task: {split: os.path.relpath(p, scratch) for split, p in splits.items()}
-                    for task, splits in patterns.items()}
+        relative = {sample_format: {split: os.path.relpath(p, scratch) for split, p in splits.items()}
+                    for sample_format, splits in patterns.items()}
         with open(os.path.join(scratch, "demo.json"), "w") as f:
             json.dump({**wanted, "patterns": relative}, f, indent=1)
         try:

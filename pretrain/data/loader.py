@@ -58,16 +58,16 @@ def resolve_demo(cfg: DataConfig) -> DataConfig:
         return cfg
     from pretrain.data.demo import ensure_demo_shards
 
-    paths = ensure_demo_shards(cfg.demo_root)[cfg.task]
+    paths = ensure_demo_shards(cfg.demo_root)[cfg.format]
     return dataclasses.replace(cfg, train=cfg.train or [{"shards": paths["train"]}], val=cfg.val or paths["val"])
 
 
 def make_decoder(cfg: DataConfig, train: bool) -> SampleDecoder:
-    tokenizer = get_tokenizer(cfg.context_length) if cfg.task == "image-text" else None
+    tokenizer = get_tokenizer(cfg.context_length) if cfg.format == "image-text" else None
     if train:
-        return SampleDecoder(cfg.task, train_transform(cfg), tokenizer, uses_numpy=bool(cfg.augment.randaugment),
+        return SampleDecoder(cfg.format, train_transform(cfg), tokenizer, uses_numpy=bool(cfg.augment.randaugment),
                              limits=cfg.limits, num_classes=cfg.num_classes)
-    return SampleDecoder(cfg.task, eval_transform(cfg), tokenizer, evaluation=True, limits=cfg.limits,
+    return SampleDecoder(cfg.format, eval_transform(cfg), tokenizer, evaluation=True, limits=cfg.limits,
                          num_classes=cfg.num_classes)
 
 
@@ -377,7 +377,7 @@ class EvalLoader:
         """One sample of zeros, shaped as a real batch."""
         size = self.cfg.image_size
         batch = {"image": torch.zeros(1, 3, size, size), "label": torch.zeros(1, dtype=torch.long), "skipped": {}}
-        if self.cfg.task == "image-text":
+        if self.cfg.format == "image-text":
             batch["text"] = torch.zeros(1, self.cfg.context_length, dtype=torch.long)
             batch["has_text"] = torch.zeros(1, dtype=torch.bool)
         return batch

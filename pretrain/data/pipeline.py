@@ -32,7 +32,7 @@ def decode(samples: Iterable[dict], decoder: SampleDecoder, seed: int, counter: 
             if in_a_row[source] == MAX_SKIPS_IN_A_ROW:
                 named = f"data source {names[source]!r}: " if names else ""
                 raise RuntimeError(f"{named}{MAX_SKIPS_IN_A_ROW} samples in a row were unusable (last: {skip.reason} "
-                                   f"in {sample['__url__']}); check data.task and the shards") from None
+                                   f"in {sample['__url__']}); check data.format and the shards") from None
             continue
         in_a_row[source] = 0
         for reason in decoded.pop("__altered__", ()):

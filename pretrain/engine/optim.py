@@ -30,7 +30,7 @@ def param_groups(model: torch.nn.Module, cfg: StageConfig, base_lr: float) -> li
     further exemptions); with layer-wise decay on, each parameter's lr ratio and the DCN multiplier (which the
     release applies only inside its layer-decay branch)."""
     optim = cfg.optim
-    ratios = lr_ratios(model, optim.layer_decay, optim.offset_lr_scale) if optim.layer_decay else {}
+    ratios = lr_ratios(model, optim.layer_decay, optim.dcn_lr_mul) if optim.layer_decay else {}
     groups: dict[tuple[float, float], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:

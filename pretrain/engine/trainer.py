@@ -227,7 +227,7 @@ class Trainer:
         if self.cfg.data.val is None and self.cfg.data.demo_root is None:
             return {}
         self.progress.beat(self.step, "evaluate")
-        data = dataclasses.replace(self.cfg.data, task=self.task.eval_samples)
+        data = dataclasses.replace(self.cfg.data, format=self.task.eval_format)
         loader = build_eval_loader(data, rank=self.world.rank, world_size=self.world.size,
                                    batch_size=self.cfg.batch_size)
         self.engine.eval()

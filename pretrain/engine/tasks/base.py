@@ -20,9 +20,9 @@ class Task:
     tasks/__init__.py."""
 
     name: ClassVar[str]
-    train_samples: ClassVar[str]
-    """The sample format its training shards hold (data.task): "image-text" or "classification"."""
-    eval_samples: ClassVar[str] = "classification"
+    train_format: ClassVar[str]
+    """The sample format its training shards hold (data.format): "image-text" or "classification"."""
+    eval_format: ClassVar[str] = "classification"
     """The format of its evaluation shards."""
     backbone_prefix: ClassVar[str] = ""
     """Where the InternImage backbone sits in the model's state dict: what is exported and what a stage starts from."""

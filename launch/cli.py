@@ -1,4 +1,6 @@
-"""`pretrain` command line: one sub-command per module under pretrain/commands/.
+"""`pretrain` command line (`python -m launch`): one sub-command per module, under launch/commands/ for the two that
+drive the launchers (run, rehearse) and under pretrain/commands/ for the rest. It sits here, in the top layer, because
+it reaches both packages, and pretrain/ never imports launch/.
 
 Each command module defines `add_arguments(parser)` and `main(args) -> int`, and imports torch, DeepSpeed and the like
 inside `main`, so `pretrain --help` stays fast.
@@ -9,8 +11,8 @@ import sys
 
 # (command, module, one-line help). Nested groups ("data check") are their own tables in their modules.
 COMMANDS = [
-    ("run", "pretrain.commands.run", "run a stage config or a schedule, locally or on SLURM; resumes from run_dir"),
-    ("rehearse", "pretrain.commands.rehearse", "rehearse a schedule on its real data, model shrunk, before a cluster"),
+    ("run", "launch.commands.run", "run a stage config or a schedule, locally or on SLURM; resumes from run_dir"),
+    ("rehearse", "launch.commands.rehearse", "rehearse a schedule on its real data, model shrunk, before a cluster"),
     ("consolidate", "pretrain.commands.consolidate", "turn a DeepSpeed checkpoint into fp16/bf16/fp32 weights"),
     ("export", "pretrain.commands.export", "export consolidated weights to another format (export onnx)"),
     ("estimate-memory", "pretrain.commands.estimate_memory", "per-GPU memory of a stage config at a given scale"),
@@ -30,7 +32,7 @@ EXAMPLES = """examples:
   pretrain consolidate runs/demo/finetune/checkpoints --out export/ --dtype fp16
   pretrain export onnx export/ --out internimage.onnx
   pretrain shards make --demo data/demo
-  pretrain data check 'data/demo/image-text/train/{00000..00007}.tar' --task image-text
+  pretrain data check 'data/demo/image-text/train/{00000..00007}.tar' --format image-text
 
 Re-running a `run` command on the same run_dir resumes it. `pretrain COMMAND --help` describes each command."""
 
