@@ -59,7 +59,7 @@ def zero_shot_class_count(cfg) -> int | None:
 
 def check_stages(plan: Plan, nproc: int) -> tuple[list[str], list[str]]:
     """Problems (each fails the rehearsal) and warnings, from every stage's config and data, before anything runs."""
-    from pretrain.config import check_config
+    from pretrain.engine.config_checks import check_config
     from pretrain.data.epoch_size import disagreement
     from pretrain.engine.optim import global_batch
     from pretrain.preflight import check_stage

@@ -1,32 +1,28 @@
 """The stage config: one typed tree from which the model, the data pipeline, the DeepSpeed JSON and the run layout are
 all derived. Layered as: dataclass defaults -> YAML file -> dotted command-line overrides; the resolved config is
-written into the run directory.
+written into the run directory. It imports neither torch nor the engine nor the model zoo (tests/test_layering.py):
+what needs them, the model's name and the image side its head takes, is checked by pretrain/engine/config_checks.py.
 """
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
-import torch
 import yaml
 
-from pretrain.data.config import DataConfig
-from pretrain.data.epoch_size import disagreement, epoch_samples
-from pretrain.models import image_size_multiple
+from pretrain.data.config import CLASSIFICATION, IMAGE_TEXT, DataConfig
 from pretrain.fileio import atomic_write_text
 from pretrain.typed_config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
+TASK_FORMATS = {"image-text": IMAGE_TEXT, "classification": CLASSIFICATION}
+"""The objectives a stage's `task` names (pretrain.engine.tasks.TASKS, kept equal by tests/test_config_checks.py), and
+the sample format (data.format) the shards of each hold."""
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # precision -> torch dtype
 
-
-def task_class(name: str):
-    from pretrain.engine.tasks import task_class as lookup
-
-    try:
-        return lookup(name)
-    except ValueError as error:
-        raise ConfigError(f"task: {error}") from None
+def train_format(task: str) -> str:
+    if task not in TASK_FORMATS:
+        raise ConfigError(f"task: unknown task {task!r}; choose from {sorted(TASK_FORMATS)}")
+    return TASK_FORMATS[task]
 
 
 def _positive(section: str, **values) -> None:
@@ -70,19 +66,13 @@ class ModelArgs:
 @dataclass
 class ModelConfig:
     name: str = "internimage_t"
-    """A registered model: internimage_t|s|b|l|xl|h|g."""
+    """A registered model: internimage_t|s|b|l|xl|h|g (checked by pretrain/engine/config_checks.py)."""
     args: ModelArgs = field(default_factory=ModelArgs)
     """Overrides of the release's hyper-parameters (channels, depths, groups, ...)."""
     pretrained: str | None = None
     """A consolidated backbone (.safetensors or .pth with the release's key names) to start from."""
     activation_checkpointing: bool = False
     """Recompute each InternImage layer in the backward pass (per-layer torch.utils.checkpoint)."""
-
-    def __post_init__(self):
-        from pretrain.models import list_models
-
-        if self.name not in list_models():
-            raise ConfigError(f"model.name: unknown model {self.name!r}; choose from {list_models()}")
 
     def arguments(self) -> dict:
         """create_model's keyword arguments: the ones the config sets."""
@@ -224,8 +214,8 @@ class DistributedConfig:
 @dataclass
 class StageConfig:
     task: str = "image-text"
-    """The objective, a name in pretrain.engine.tasks.TASKS: "image-text" (contrastive pretraining) or
-    "classification" (fine-tuning)."""
+    """The objective, a name in TASK_FORMATS: "image-text" (contrastive pretraining) or "classification"
+    (fine-tuning)."""
     run_dir: str = "runs/default"
     seed: int = 0
     max_steps: int | None = None
@@ -261,7 +251,7 @@ class StageConfig:
         _positive("", max_steps=self.max_steps, batch_size=self.batch_size, num_classes=self.num_classes)
         if not self.run_dir:
             raise ConfigError("run_dir must not be empty")
-        trains_on = task_class(self.task).train_format
+        trains_on = train_format(self.task)
         if self.data.format != trains_on:
             raise ConfigError(f"data.format ({self.data.format!r}) must be {trains_on!r}, the sample format task "
                               f"{self.task!r} trains on")
@@ -271,10 +261,6 @@ class StageConfig:
             raise ConfigError("eval.ema needs ema_decay")
         if self.task == "classification":
             self.data.num_classes = self.num_classes
-        multiple = image_size_multiple(self.model.name, self.model.arguments())
-        if self.data.image_size % multiple:
-            raise ConfigError(f"data.image_size ({self.data.image_size}) must be a multiple of {multiple} for "
-                              f"{self.model.name} (its head fuses the stride-16 and stride-32 maps)")
 
     def _steps_from_epochs(self):
         if self.epochs is None and self.warmup_epochs is None:
@@ -283,6 +269,8 @@ class StageConfig:
             return
         if not self.global_batch:
             raise ConfigError("epochs and warmup_epochs need global_batch")
+        from pretrain.data.epoch_size import epoch_samples  # reads shard lists with webdataset, which imports torch
+
         try:
             self.data.samples_per_epoch = epoch_samples(self.data)
         except (OSError, ValueError) as error:
@@ -314,7 +302,7 @@ class StageConfig:
 def load_stage_config(path: str | Path, overrides: list[str] = ()) -> StageConfig:
     """Read a stage YAML, apply `key.path=value` overrides, and validate the result."""
     data = apply_overrides(load_yaml(path), list(overrides))
-    trains_on = task_class(data.get("task", StageConfig.task)).train_format
+    trains_on = train_format(data.get("task", StageConfig.task))
     data.setdefault("data", {}).setdefault("format", trains_on)  # said once, by the stage's task
     return from_dict(StageConfig, data)
 
@@ -327,13 +315,12 @@ class MissingFile(ConfigError):
         self.config = config
 
 
-def check_config(path: str | Path, overrides: list[str] = (), pretrained_by_schedule: bool = False) -> StageConfig:
-    """load_stage_config, plus the files the stage will read: the pretrained weights (unless an earlier stage of the
-    schedule makes them) and every local shard. Run by `pretrain run` before any rank starts, so that a bad value or a
-    missing file is one line naming it, not a traceback from every rank."""
+def check_files(cfg: StageConfig, pretrained_by_schedule: bool = False) -> StageConfig:
+    """The files the stage will read: the pretrained weights (unless an earlier stage of the schedule makes them) and
+    every local shard; MissingFile names the first one missing."""
+    from pretrain.data.epoch_size import disagreement
     from pretrain.data.shards import expand_shards
 
-    cfg = load_stage_config(path, overrides)
     if cfg.model.pretrained and not pretrained_by_schedule and not Path(cfg.model.pretrained).is_file():
         raise MissingFile(f"model.pretrained: file not found: {cfg.model.pretrained}", cfg)
     patterns = {f"data.train[{i}].shards": source.shards for i, source in enumerate(cfg.data.train)}

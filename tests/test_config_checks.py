@@ -139,6 +139,16 @@ def test_slurm_constraint_syntax_passes(tmp_path, capsys):
     assert "#SBATCH --constraint='[a100&ib|h100]'" in capsys.readouterr().out
 
 
+def test_the_config_s_table_of_tasks_is_the_engine_s():
+    from pretrain.config import TASK_FORMATS
+    from pretrain.data.config import SAMPLE_FORMATS
+    from pretrain.engine.tasks import TASKS
+
+    assert set(TASK_FORMATS) == set(TASKS) and set(TASK_FORMATS.values()) <= set(SAMPLE_FORMATS)
+    with pytest.raises(ConfigError, match=re.escape("task: unknown task 'masked-image'; choose from")):
+        load_stage_config(CONFIG, ["task=masked-image"])
+
+
 def test_model_args_mirror_the_release_constructor():
     import dataclasses
     import inspect

@@ -239,6 +239,13 @@ def test_config_from_a_plain_dict():
         DataConfig(train=[{"shards": "x.tar"}], augment={"mixup": 0.8})
 
 
+
+def test_the_default_normalisation_is_timm_s_imagenet_one():
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    augment = DataConfig(train=[{"shards": "x.tar"}]).augment
+    assert (augment.mean, augment.std) == (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+
 def test_mixup_is_reproducible_and_resumable():
     cfg = DataConfig(format="classification", train=[{"shards": "x.tar"}],
                      augment={"mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1})

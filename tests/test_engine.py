@@ -11,6 +11,7 @@ import torch
 
 from conftest import CONFIG, REPO, SCRIPTS, free_port, losses, records, run, stage_command, wait_for
 from pretrain.config import load_stage_config
+from pretrain.engine.config_checks import load_config
 from pretrain.typed_config import ConfigError
 
 
@@ -123,7 +124,7 @@ def test_two_rank_checkpoint_resumes_on_one_rank(reference_run, tmp_path):
 ])
 def test_bad_config_values_are_clear_errors(override, message):
     with pytest.raises((ConfigError, ValueError), match=message):
-        load_stage_config(CONFIG, [override])
+        load_config(CONFIG, [override])
 
 
 def test_overrides_with_the_documented_names():

@@ -10,6 +10,7 @@ from conftest import REPO
 from launch import cli
 from pretrain.config import load_stage_config
 from pretrain.data.shards import expand_shards
+from pretrain.engine.config_checks import load_config
 from pretrain.typed_config import ConfigError
 from test_launch_units import run_cli
 
@@ -62,9 +63,9 @@ def test_estimate_memory_refuses_bad_input_in_one_line(capsys, argv, message):
 def test_an_image_size_h_and_g_cannot_take_is_refused_at_start_up():
     for model in ("internimage_h", "internimage_g"):
         with pytest.raises(ConfigError, match=rf"data.image_size \(400\) must be a multiple of 32 for {model}"):
-            load_stage_config(H / "in1k_640.yaml", [f"model.name={model}", "data.image_size=400"])
-        assert load_stage_config(H / "in1k_640.yaml", [f"model.name={model}", "data.image_size=416"])
-    assert load_stage_config(H / "in1k_640.yaml", ["model.name=internimage_t", "data.image_size=400"])
+            load_config(H / "in1k_640.yaml", [f"model.name={model}", "data.image_size=400"])
+        assert load_config(H / "in1k_640.yaml", [f"model.name={model}", "data.image_size=416"])
+    assert load_config(H / "in1k_640.yaml", ["model.name=internimage_t", "data.image_size=400"])
 
 
 def test_a_glob_in_a_shard_pattern_says_brace_patterns_are_supported(tmp_path):
@@ -91,7 +92,7 @@ def test_max_steps_with_epoch_settings_scales_the_schedule_warm_up_included(caps
 
 def test_samples_per_epoch_null_reads_the_stats_files_and_a_wrong_one_is_a_warning_with_both_numbers(tmp_path,
                                                                                                       capsys):
-    from pretrain.config import check_config
+    from pretrain.engine.config_checks import check_config
     from production_data import img2dataset_source
 
     img2dataset_source(tmp_path / "laion", shards=2, per_shard=3)

@@ -166,7 +166,7 @@ def run(args) -> dict:
     from pretrain.config import load_stage_config
     from pretrain.engine.distributed import init_distributed
     from pretrain.engine.metrics import device_peak_tflops
-    from pretrain.config import DTYPES
+    from pretrain.engine.precision import DTYPES
 
     cfg = load_stage_config(args.config, [*LOOP_OVERRIDES, f"max_steps={args.steps + args.warmup}", *args.overrides])
     for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):

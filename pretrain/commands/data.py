@@ -1,5 +1,5 @@
 """`pretrain data check SHARDS --format ...`: one pass over shards; prints one JSON line of counts."""
-FORMATS = ("image-text", "classification")  # pretrain.data.config.SAMPLE_FORMATS, without importing the data layer
+from pretrain.data.config import SAMPLE_FORMATS
 
 
 def add_arguments(parser) -> None:
@@ -9,7 +9,7 @@ def add_arguments(parser) -> None:
                                        "samples, skipped and skipped_by_reason. Exit 1 if a shard cannot be read or "
                                        "no sample survives, 2 if the shards cannot be listed.")
     check.add_argument("shards", help="brace pattern, '::'-joined list or pipe: URL of tar shards")
-    check.add_argument("--format", choices=FORMATS, required=True, help="the sample format the shards hold")
+    check.add_argument("--format", choices=SAMPLE_FORMATS, required=True, help="the sample format the shards hold")
     check.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     check.add_argument("--batch-size", type=int, default=64)
     check.add_argument("--image-size", type=int, default=224)

@@ -15,13 +15,13 @@ def main(args) -> int:
     import json
     import sys
 
-    from pretrain.config import load_stage_config
+    from pretrain.engine.config_checks import load_config
     from pretrain.engine.memory import GIB, estimate
 
     try:
         if args.nodes <= 0 or args.gpus_per_node <= 0:
             raise ValueError(f"--nodes and --gpus-per-node must be > 0, got {args.nodes} and {args.gpus_per_node}")
-        cfg = load_stage_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides)
     except (OSError, ValueError) as error:
         print(f"pretrain estimate-memory: {error}", file=sys.stderr)
         return 2

@@ -24,11 +24,20 @@ A resumed loader yields exactly the batches the uninterrupted one would have (se
 from a forkserver (loader.py), so a script that builds loaders must guard its top level with
 `if __name__ == "__main__":`, as multiprocessing requires. What one shard may cost is bounded by data.limits (tars.py).
 """
-from pretrain.data.config import Augment, DataConfig, Limits, Source, data_config_from_dict
-from pretrain.data.demo import ensure_demo_shards, zero_shot_classes
-from pretrain.data.loader import TrainLoader, build_eval_loader, build_train_loader
-from pretrain.data.mixup import build_mixup
-from pretrain.data.tokenizer import get_tokenizer
+import importlib
 
-__all__ = ["Augment", "DataConfig", "Limits", "Source", "data_config_from_dict", "ensure_demo_shards",
-           "zero_shot_classes", "TrainLoader", "build_train_loader", "build_eval_loader", "build_mixup", "get_tokenizer"]
+_HOMES = {  # each name of the interface -> its module, imported on first use (PEP 562): the stage config reads
+    # pretrain.data.config without the loaders' torch, webdataset and PIL
+    **dict.fromkeys(["Augment", "DataConfig", "Limits", "Source", "data_config_from_dict"], "pretrain.data.config"),
+    **dict.fromkeys(["ensure_demo_shards", "zero_shot_classes"], "pretrain.data.demo"),
+    **dict.fromkeys(["TrainLoader", "build_eval_loader", "build_train_loader"], "pretrain.data.loader"),
+    "build_mixup": "pretrain.data.mixup",
+    "get_tokenizer": "pretrain.data.tokenizer",
+}
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name]), name)

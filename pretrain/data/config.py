@@ -4,12 +4,14 @@ through the same validator."""
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
 from pretrain.typed_config import from_dict
 
-SAMPLE_FORMATS = ("image-text", "classification")
+IMAGE_TEXT, CLASSIFICATION = "image-text", "classification"
+SAMPLE_FORMATS = (IMAGE_TEXT, CLASSIFICATION)
 """The shard layouts decode.py reads (data.format); each task of the engine trains on one of them."""
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+"""timm's IMAGENET_DEFAULT_MEAN/STD (tests/test_data_pipeline.py keeps them equal), written out because importing
+timm.data imports torch, and the stage config is read without it."""
 
 
 def _section(cls, value, where: str):
@@ -54,8 +56,8 @@ class Augment:
     """Label smoothing; folded into the soft targets when mixup/cutmix is on, else the trainer's cross-entropy uses it."""
     eval_crop_pct: float = 0.875
     """Evaluation resizes the short side to image_size / eval_crop_pct, then centre-crops image_size."""
-    mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
-    std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self):
         self.crop_scale, self.mean, self.std = tuple(self.crop_scale), tuple(self.mean), tuple(self.std)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.config import DTYPES
+from pretrain.engine.precision import DTYPES
 from pretrain.engine.checkpoint import newest_complete, read_manifest
 from pretrain.engine.safe_loading import weights_only_loads
 from pretrain.engine.weights import backbone_from_full

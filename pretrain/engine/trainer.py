@@ -11,15 +11,17 @@ from pathlib import Path
 
 import torch
 
-from pretrain.config import DTYPES, StageConfig, load_stage_config, save_resolved
+from pretrain.config import StageConfig, save_resolved
 from pretrain.data.stats import NOT_SKIPS, skipped_total
 from pretrain.engine import preemption
 from pretrain.engine.checkpoint import CheckpointManager, convert_for_resume
+from pretrain.engine.config_checks import load_config
 from pretrain.engine.distributed import (World, abort, any_rank, init_distributed, mean_over_ranks, seed_everything,
                                          shutdown, sum_counts_over_ranks)
 from pretrain.engine.ema import PartitionedEMA
 from pretrain.engine.metrics import MetricsLogger, device_peak_tflops, peak_memory_per_rank, train_flops_per_sample
 from pretrain.engine.optim import deepspeed_config, param_groups, peak_lr, scheduler_factory
+from pretrain.engine.precision import DTYPES
 from pretrain.engine.tasks import build_task
 from pretrain.engine.weights import load_backbone
 from pretrain.fileio import atomic_write_json
@@ -29,7 +31,7 @@ def run_stage(config_path: str, overrides: list[str] = ()) -> dict:
     """Run (or resume) one stage in this process, one rank of the job described by the env:// variables."""
     # torch 2.14 deprecates the collectives DeepSpeed and open_clip call; the warning would repeat on every log step.
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*(torch\.distributed|all_gather).*deprecated")
-    cfg = load_stage_config(config_path, overrides)
+    cfg = load_config(config_path, overrides)
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     Progress(cfg.run_dir, rank, allowance_s=math.inf).beat(0, "convert")  # as long as it takes: no peer waits on it
     convert_for_resume(cfg.checkpoint_dir, rank, world_size)

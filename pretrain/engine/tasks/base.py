@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 import torch.nn as nn
 
+from pretrain.data.config import CLASSIFICATION
 from pretrain.engine.distributed import World, any_rank
 from pretrain.models import create_model
 
@@ -17,12 +18,10 @@ if TYPE_CHECKING:
 class Task:
     """One objective, and the only code that knows it: the trainer, the memory estimate, the export and the schedule
     summary ask it, never the objective's name. A new objective is a subclass in a file of its own, registered in
-    tasks/__init__.py."""
+    tasks/__init__.py, with the sample format its training shards hold in pretrain/config.py's TASK_FORMATS."""
 
     name: ClassVar[str]
-    train_format: ClassVar[str]
-    """The sample format its training shards hold (data.format): "image-text" or "classification"."""
-    eval_format: ClassVar[str] = "classification"
+    eval_format: ClassVar[str] = CLASSIFICATION
     """The format of its evaluation shards."""
     backbone_prefix: ClassVar[str] = ""
     """Where the InternImage backbone sits in the model's state dict: what is exported and what a stage starts from."""

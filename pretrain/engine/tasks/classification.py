@@ -11,7 +11,6 @@ from pretrain.engine.tasks.base import EvaluationError, Task, build_vision_tower
 
 class ClassificationTask(Task):
     name = "classification"
-    train_format = "classification"
     summary = {"top1": "finetune_top1"}
 
     def __init__(self, cfg, world):

@@ -34,7 +34,6 @@ class ImageTextModel(nn.Module):
 
 class ImageTextTask(Task):
     name = "image-text"
-    train_format = "image-text"
     backbone_prefix = "visual."
     summary = {"zero_shot_top1": "zero_shot_top1"}
 

@@ -1,0 +1,29 @@
+"""The checks of a stage config that need the model zoo, left out of pretrain/config.py so that it imports neither
+torch nor the models: the model's name, and the image side its head takes. `load_config` is the stage config's loader
+with them (the trainer's); `check_config` adds the files the stage reads, and runs before any rank starts (`pretrain
+run`, `pretrain rehearse`), so that a bad value or a missing file is one line naming it, not a traceback from every
+rank."""
+from pathlib import Path
+
+from pretrain.config import StageConfig, check_files, load_stage_config
+from pretrain.models import image_size_multiple, list_models
+from pretrain.typed_config import ConfigError
+
+
+def check_model(cfg: StageConfig) -> None:
+    if cfg.model.name not in list_models():
+        raise ConfigError(f"model.name: unknown model {cfg.model.name!r}; choose from {list_models()}")
+    multiple = image_size_multiple(cfg.model.name, cfg.model.arguments())
+    if cfg.data.image_size % multiple:
+        raise ConfigError(f"data.image_size ({cfg.data.image_size}) must be a multiple of {multiple} for "
+                          f"{cfg.model.name} (its head fuses the stride-16 and stride-32 maps)")
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> StageConfig:
+    cfg = load_stage_config(path, overrides)
+    check_model(cfg)
+    return cfg
+
+
+def check_config(path: str | Path, overrides: list[str] = (), pretrained_by_schedule: bool = False) -> StageConfig:
+    return check_files(load_config(path, overrides), pretrained_by_schedule)
