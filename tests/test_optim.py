@@ -112,6 +112,25 @@ def test_ratios_reach_the_vision_tower_of_an_image_text_model():
     assert ratios["visual.patch_embed.conv2.bias"] == 0.5 ** 4
 
 
+@pytest.mark.parametrize("name", ["internimage_t", "internimage_h"])
+def test_timm_s_layer_decay_counts_the_layers_the_release_s_rule_counts(name):
+    """Both read InternImage.layer_order; timm counts the parameters in no layer (the heads, H's level-2 post-norms)
+    as one more layer after the last, so each layer's scale is one decay step below the release's ratio."""
+    import timm.optim
+
+    with torch.device("meta"):
+        model = create_model(name, channels=16, depths=(1, 1, 3, 1), groups=(1, 2, 4, 8), num_classes=8,
+                             **({"level2_post_norm_block_ids": [2]} if name == "internimage_h" else {}))
+    ratios = model.lr_ratios(0.5)
+    names = {id(param): n for n, param in model.named_parameters()}
+    timm_scales = {names[id(param)]: group["lr_scale"] for group in timm.optim.param_groups_layer_decay(
+        model, layer_decay=0.5) for param in group["params"]}
+    assert {n: scale for n, scale in timm_scales.items() if n in ratios} == {n: r * 0.5 for n, r in ratios.items()}
+    unlayered = set(timm_scales) - set(ratios)
+    assert {n.split(".")[0] for n in unlayered} >= {"head"} and {timm_scales[n] for n in unlayered} == {1.0}
+    assert ratios["levels.1.downsample.conv.weight"] == ratios["levels.2.blocks.0.norm1.0.weight"] == 0.5 ** 3
+
+
 def test_warmup_then_cosine_to_the_floor():
     assert [warmup_cosine(s, 4, 10, 0.1) for s in (0, 3)] == [0.25, 1.0]
     assert warmup_cosine(7, 4, 10, 0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))

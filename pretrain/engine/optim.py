@@ -6,10 +6,7 @@ import torch
 
 from pretrain.config import StageConfig
 from pretrain.typed_config import ConfigError
-
-
-def shape_of(param) -> torch.Size:
-    return getattr(param, "ds_shape", param.shape)  # ZeRO-3 leaves an empty placeholder in param.shape
+from pretrain.zero3 import full_shape
 
 
 def lr_ratios(model: torch.nn.Module, layer_decay: float, dcn_lr_mul: float) -> dict[str, float]:
@@ -35,7 +32,7 @@ def param_groups(model: torch.nn.Module, cfg: StageConfig, base_lr: float) -> li
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        decay = 0.0 if len(shape_of(param)) <= 1 or name.endswith(".bias") else optim.weight_decay
+        decay = 0.0 if len(full_shape(param)) <= 1 or name.endswith(".bias") else optim.weight_decay
         scale = ratios.get(name, 1.0)
         group = groups.setdefault((decay, scale), {"params": [], "weight_decay": decay, "lr": base_lr * scale})
         group["params"].append(param)

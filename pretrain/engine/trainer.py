@@ -26,6 +26,7 @@ from pretrain.engine.tasks import build_task
 from pretrain.engine.weights import load_backbone
 from pretrain.fileio import atomic_write_json
 from pretrain.progress import Progress
+from pretrain.zero3 import is_partitioned
 
 def run_stage(config_path: str, overrides: list[str] = ()) -> dict:
     """Run (or resume) one stage in this process, one rank of the job described by the env:// variables."""
@@ -60,7 +61,7 @@ def build_model(task, cfg: StageConfig, dtype: torch.dtype, device: torch.device
         "bf16": {"enabled": cfg.precision == "bf16"}, "fp16": {"enabled": cfg.precision == "fp16"}})
     model = task.build(zero_init)
     for param in model.parameters():
-        if not hasattr(param, "ds_id"):
+        if not is_partitioned(param):
             param.data = param.data.to(dtype)
     for module in model.modules():
         for name, buffer in list(module.named_buffers(recurse=False)):

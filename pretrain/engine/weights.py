@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 from pretrain.engine import safe_loading
+from pretrain.zero3 import gathered_for_writing
 
 CLASSIFIER_PREFIX = "head."
 
@@ -40,15 +41,8 @@ def load_backbone(model: nn.Module, path: str | Path) -> list[str]:
 
 
 def _copy_into_param(param: nn.Parameter, tensor: torch.Tensor):
-    if hasattr(param, "ds_id"):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-            with torch.no_grad():
-                param.copy_(tensor)
-    else:
-        with torch.no_grad():
-            param.copy_(tensor)
+    with gathered_for_writing([param]), torch.no_grad():
+        param.copy_(tensor)
 
 
 def backbone_from_full(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

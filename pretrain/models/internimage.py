@@ -8,7 +8,8 @@ init, the checkpoint loader, the config table, timm's pretrained configs and the
 module takes `device`/`dtype`, so a model builds on the meta device or inside `deepspeed.zero.Init` for free; the
 whole model is TorchScript-able and fx-traceable (DCNv3 is an fx leaf, as timm does for its own custom ops).
 """
-import contextlib
+import itertools
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from timm.models._builder import resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 
 from pretrain.ops import dcnv3
+from pretrain.zero3 import gathered_for_writing
 
 LN_EPS = 1e-6
 
@@ -459,37 +461,48 @@ class InternImage(nn.Module):
             layer.with_cp = enable
 
     def group_matcher(self, coarse: bool = False):
-        """Parameter-name patterns ordered from input to output (timm's interface, used by timm's layer-wise decay)."""
-        return {
-            "stem": r"^patch_embed",
-            "blocks": r"^levels\.(\d+)" if coarse else [
-                (r"^levels\.(\d+)\.blocks\.(\d+)", None),
-                (r"^levels\.(\d+)\.(?:post_norms|norm|downsample)", (99999,)),
-            ],
-        }
+        """timm's interface, on which its layer-wise decay (`param_groups_layer_decay`) is built: a parameter's (or
+        module's) place in layer_order, or with coarse its stage; the heads and the rest after every layer."""
+        places = {prefix: stage if coarse else i for i, (stage, prefixes) in enumerate(self.layer_order())
+                  for prefix in prefixes}
+
+        def place(name: str) -> float:
+            prefixes = itertools.accumulate(name.split("."), lambda head, part: f"{head}.{part}")  # a, a.b, a.b.c
+            return next((places[prefix] for prefix in prefixes if prefix in places), math.inf)
+
+        return place
 
     def layers(self) -> list[InternImageLayer]:
         return [block for level in self.levels for block in level.blocks]
 
     # -- the release's optimiser rules
 
+    def layer_order(self) -> list[tuple[int, list[str]]]:
+        """The layers from input to output, each as (its stage, the modules it holds), grouped as the release's
+        layer-wise decay groups them (`lr_decay_keywords` in its intern_image.py): the stem with the first layer, the
+        downsample and norm of stage i with stage i+1's first layer; the heads, the last stage's norm and the level-2
+        post-norms in none. The one order lr_ratios and timm's group_matcher both count."""
+        order = [(i, [f"levels.{i}.blocks.{j}"])
+                 for i, level in enumerate(self.levels) for j in range(len(level.blocks))]
+        order[0][1].insert(0, "patch_embed")
+        first_of_next = 0
+        for i, level in enumerate(self.levels[:-1]):
+            first_of_next += len(level.blocks)
+            order[first_of_next][1].extend(f"levels.{i}.{part}" for part in ("downsample", "norm")
+                                           if getattr(level, part) is not None)
+        return order
+
     def lr_ratios(self, layer_decay: float, dcn_lr_mul: float = 1.0) -> dict[str, float]:
-        """lr ratio per parameter name under the release's layer-wise decay (`lr_decay_keywords` in its
-        intern_image.py, applied by `set_weight_decay_and_lr`): the k-th layer counted from the last gets
-        layer_decay**k; the stem takes the first layer's ratio; the downsample and norm of stage i take the ratio of
-        stage i+1's first layer; the heads, the last stage's norm and the level-2 post-norms keep ratio 1 (absent
-        here). The DCN multiplier scales the offset and center-feature-scale parameters on top."""
-        layers = self.layers()
-        ratio = {id(layer): layer_decay ** (len(layers) - 1 - i) for i, layer in enumerate(layers)}
-        ratio[id(self.patch_embed)] = ratio[id(layers[0])]
-        for level, following in zip(self.levels[:-1], self.levels[1:]):
-            for module in (level.downsample, level.norm):
-                if module is not None:
-                    ratio[id(module)] = ratio[id(following.blocks[0])]
+        """lr ratio per parameter name under the release's layer-wise decay (applied by its `set_weight_decay_and_lr`):
+        the k-th layer of layer_order counted from the last gets layer_decay**k; parameters in no layer keep ratio 1
+        (absent here). The DCN multiplier scales the offset and center-feature-scale parameters on top."""
+        order = self.layer_order()
         ratios = {}
+        for i, (_, prefixes) in enumerate(order):
+            for prefix in prefixes:
+                ratios.update({f"{prefix}.{name}": layer_decay ** (len(order) - 1 - i)
+                               for name, _ in self.get_submodule(prefix).named_parameters()})
         for prefix, module in self.named_modules():
-            if id(module) in ratio:
-                ratios.update({f"{prefix}.{name}": ratio[id(module)] for name, _ in module.named_parameters()})
             if isinstance(module, DCNv3):
                 for name in module.lr_scaled_parameters():
                     ratios[f"{prefix}.{name}"] *= dcn_lr_mul
@@ -513,19 +526,10 @@ def init_weights(module: nn.Module):
     """The release's init: trunc-normal(0.02) Linear weights, zero biases, unit norms; DCNv3's own init on top
     (`apply` visits children first, so DCNv3.reset_parameters overrides its Linears' generic init)."""
     if isinstance(module, (nn.Linear, nn.LayerNorm, DCNv3)):
-        with _gathered_for_init(module):
+        # Under deepspeed.zero.Init parameters are partitioned as soon as each submodule is built, so initialising
+        # them afterwards needs this module's gathered (one small module at a time, never the whole model).
+        with gathered_for_writing(list(module.parameters())):
             _init_module(module)
-
-
-def _gathered_for_init(module: nn.Module):
-    """Under deepspeed.zero.Init parameters are partitioned as soon as each submodule is built, so initialising them
-    afterwards needs that module's parameters gathered (one small module at a time, never the whole model)."""
-    params = list(module.parameters())
-    if not hasattr(params[0], "ds_id"):
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
 def _init_module(module: nn.Module):
