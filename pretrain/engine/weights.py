@@ -37,7 +37,7 @@ def load_backbone(model: nn.Module, path: str | Path) -> list[str]:
             buffers[name].copy_(tensor)
         else:
             _copy_into_param(params[name], tensor)
-    return sorted(set(params) | set(buffers) - set(state))
+    return sorted((set(params) | set(buffers)) - set(state))
 
 
 def _copy_into_param(param: nn.Parameter, tensor: torch.Tensor):
