@@ -1,5 +1,5 @@
 """The training objectives, by name (a stage config's `task`). Adding one: a Task subclass in a file of its own here,
-and a line in TASKS."""
+a line in TASKS, and its name with the sample format it trains on in pretrain/config.py's TASK_FORMATS."""
 from pretrain.engine.tasks.base import Task, build_vision_tower, lockstep
 from pretrain.engine.tasks.classification import ClassificationTask
 from pretrain.engine.tasks.image_text import ImageTextModel, ImageTextTask
