@@ -201,7 +201,9 @@ def export_stage(run_dir: Path, consolidate: Callable[..., Any]) -> Path:
     if (export / BACKBONE).exists():
         return export
     tmp = prev / f".{EXPORT}.tmp-{os.getpid()}"
-    consolidate(str(ckpt), str(tmp), dtype="fp16")
+    weights = reported_weights(run_dir)
+    print(f"[{run_dir.name}] exporting the {weights} weights: the ones its evaluation reported", flush=True)
+    consolidate(str(ckpt), str(tmp), dtype="fp16", weights=weights)
     if not (tmp / BACKBONE).exists():
         raise RuntimeError(f"consolidate({ckpt}) did not write {tmp / BACKBONE}")
     try:
@@ -210,6 +212,16 @@ def export_stage(run_dir: Path, consolidate: Callable[..., Any]) -> Path:
         if not (export / BACKBONE).exists():
             raise
     return export
+
+
+def reported_weights(run_dir: Path) -> str:
+    """"ema" when the stage evaluated its EMA (eval.ema in the config it ran with), else "live": a stage hands on the
+    weights whose metric it reported."""
+    try:
+        ran_with = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except FileNotFoundError:  # a stand-in engine that writes no resolved config
+        return "live"
+    return "ema" if (ran_with.get("eval") or {}).get("ema") else "live"
 
 
 def read_result(stage: StagePlan) -> dict[str, Any] | None:

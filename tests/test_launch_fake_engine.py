@@ -99,10 +99,10 @@ def run_stage(config_path: str, overrides: list[str]) -> dict:
     return {"status": "completed", "metrics": metrics_out}
 
 
-def consolidate(checkpoint_dir: str, out_dir: str, dtype: str = "fp16") -> dict:
+def consolidate(checkpoint_dir: str, out_dir: str, dtype: str = "fp16", weights: str = "live") -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    text = f"backbone of {checkpoint_dir} at step {(Path(checkpoint_dir) / 'latest').read_text()} ({dtype})"
+    text = f"backbone of {checkpoint_dir} at step {(Path(checkpoint_dir) / 'latest').read_text()} ({dtype}, {weights})"
     paths = {}
     for name in ("backbone.safetensors", "backbone.pth"):
         (out / name).write_text(text)

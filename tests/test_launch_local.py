@@ -19,10 +19,10 @@ def test_local_schedule_two_ranks(tmp_path, monkeypatch, capsys):
     assert summary["complete"] and summary["zero_shot_top1"] == 0.25 and summary["finetune_top1"] == 0.5
     fine = summary["stages"]["finetune"]["metrics"]
     assert fine["world_size"] == 2
-    assert fine["pretrained_backbone"] == f"backbone of {run}/pretrain/checkpoints at step 4 (fp16)"
+    assert fine["pretrained_backbone"] == f"backbone of {run}/pretrain/checkpoints at step 4 (fp16, live)"
     # the last stage is exported too
     assert (run / "finetune/export/backbone.safetensors").read_text() == \
-        f"backbone of {run}/finetune/checkpoints at step 4 (fp16)"
+        f"backbone of {run}/finetune/checkpoints at step 4 (fp16, live)"
     # the same command again skips the finished stages
     assert run_cli(args) == 0
     assert "already completed" in capsys.readouterr().out

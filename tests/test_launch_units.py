@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from launch import rendezvous
-from launch.schedule import build_plan, ensure_export, write_summary
+from launch.schedule import build_plan, ensure_export, reported_weights, write_summary
 from launch.commands import run
 
 SLURM_ENV = {
@@ -75,7 +75,12 @@ def test_export_and_summary(tmp_path):
     (Path(pre.run_dir) / "checkpoints").mkdir(parents=True)
     (Path(pre.run_dir) / "checkpoints" / "latest").write_text("6")
     export = ensure_export(fine, fake.consolidate)
-    assert (export / "backbone.safetensors").read_text().endswith("at step 6 (fp16)")
+    assert (export / "backbone.safetensors").read_text().endswith("at step 6 (fp16, live)")
+    # A stage that evaluated its EMA hands on the EMA (the config it ran with says which).
+    Path(pre.run_dir, "config.yaml").write_text("eval: {ema: true}\n")
+    assert reported_weights(Path(pre.run_dir)) == "ema"
+    Path(pre.run_dir, "config.yaml").write_text("eval: {ema: false}\n")
+    assert reported_weights(Path(pre.run_dir)) == "live"
     Path(pre.run_dir, "result.json").write_text(json.dumps({"zero_shot_top1": 0.3,
                                                             "headline": {"zero_shot_top1": 0.3}}))
     assert write_summary(plan)["complete"] is False

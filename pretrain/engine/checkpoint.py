@@ -282,10 +282,13 @@ class CheckpointManager:
         return manifest["step"], rank_state
 
     def saved_rank_states(self, tag: str, part: str) -> list:
-        """One part (e.g. "loader") of every rank's state saved in `tag` (or in the checkpoint it was converted from),
-        in rank order; read one file at a time, so only the parts are held."""
-        folder = self.directory / tag.removesuffix(UNIVERSAL_SUFFIX)
-        return [load_file(folder / rank_state_name(rank))[part] for rank in range(read_manifest(folder)["world_size"])]
+        """One part (e.g. "loader") of every rank's state saved in `tag` (or in the checkpoint it was converted from)."""
+        return saved_rank_states(self.directory / tag.removesuffix(UNIVERSAL_SUFFIX), part)
+
+
+def saved_rank_states(folder: Path, part: str) -> list:
+    """One part of every rank's state saved in the checkpoint `folder`, in rank order, one file read at a time."""
+    return [load_file(folder / rank_state_name(rank))[part] for rank in range(read_manifest(folder)["world_size"])]
 
 
 def rng_state() -> dict:

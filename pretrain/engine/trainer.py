@@ -18,7 +18,7 @@ from pretrain.engine.checkpoint import CheckpointManager, convert_for_resume
 from pretrain.engine.config_checks import load_config
 from pretrain.engine.distributed import (World, abort, any_rank, init_distributed, mean_over_ranks, seed_everything,
                                          shutdown, sum_counts_over_ranks)
-from pretrain.engine.ema import PartitionedEMA
+from pretrain.engine.ema import PartitionedEMA, whole_ema
 from pretrain.engine.metrics import MetricsLogger, device_peak_tflops, peak_memory_per_rank, train_flops_per_sample
 from pretrain.engine.optim import deepspeed_config, param_groups, peak_lr, scheduler_factory
 from pretrain.engine.precision import DTYPES
@@ -125,10 +125,12 @@ class Trainer:
 
     def _restore(self, tag: str):
         self.step, rank_state = self.checkpoints.load(self.engine, tag)
-        if rank_state is None:  # another world size: EMA shards do not map onto the new ranks, so start afresh
+        if rank_state is None:  # another world size: the per-rank parts are put together and split anew
             seed_everything(self.cfg.seed * 1000 + self.world.rank + 1 + self.step)
             # the data streams are resharded from every old rank's loader state: the epoch goes on where it stood
             self.data_resumed = self.loader.reshard(self.checkpoints.saved_rank_states(tag, "loader"))
+            if self.ema is not None:
+                self.ema.load_whole(whole_ema(self.checkpoints.saved_rank_states(tag, "ema")), self.world.rank)
             return
         missing = sorted(set(self.stateful) - set(rank_state))
         if missing:

@@ -42,7 +42,7 @@ class ClassificationTask(Task):
     @torch.no_grad()
     def evaluate(self, model, loader, dtype):
         device = self.world.device
-        top1 = top5 = total = 0
+        top1 = top5 = total = loss = 0
         for batch in lockstep(loader, self.world):
             logits = model(batch["image"].to(device, dtype)).float().cpu()
             if batch["real"]:
@@ -51,8 +51,10 @@ class ClassificationTask(Task):
                 top1 += (best[:, 0] == labels).sum().item()
                 top5 += (best == labels[:, None]).any(-1).sum().item()
                 total += len(labels)
-        counts = sum_over_ranks({"top1": top1, "top5": top5, "total": total}, device)
+                loss += F.cross_entropy(logits, labels, reduction="sum").item()
+        counts = sum_over_ranks({"top1": top1, "top5": top5, "total": total, "loss": loss}, device)
         if counts["total"] == 0:
             raise EvaluationError(f"no labelled (KEY.cls) sample to evaluate in data.val {self.cfg.data.val}")
         n = counts["total"]
-        return {"top1": counts["top1"] / n, "top5": counts["top5"] / n, "eval_samples": int(n)}
+        return {"top1": counts["top1"] / n, "top5": counts["top5"] / n, "val_loss": counts["loss"] / n,
+                "eval_samples": int(n)}
