@@ -13,9 +13,11 @@ REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 SCRIPTS = TESTS / "scripts"
 CONFIG = str(REPO / "configs/demo/pretrain.yaml")
-# The demo's pretraining stage, shortened: what the engine tests run on 2 CPU ranks.
-FAST = ["batch_size=16", "logging.every=1", "logging.progress_bar=false", "optim.warmup_steps=2",
+# The demo's pretraining stage, shortened: what the engine tests run on 2 CPU ranks. No data workers: each rank would
+# start a forkserver for them (~12 s on 2 cores); the tests about workers ask for them with WORKERS.
+FAST = ["data.workers=0", "batch_size=16", "logging.every=1", "logging.progress_bar=false", "optim.warmup_steps=2",
         "data.demo_root=" + str(REPO / "data/demo")]
+WORKERS = "data.workers=1"
 
 
 @pytest.fixture

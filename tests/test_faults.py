@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import CONFIG, FAST, REPO, TESTS, records, wait_for
+from conftest import CONFIG, FAST, REPO, TESTS, WORKERS, records, wait_for
 from pretrain.engine.checkpoint import inspect_tag, tag_for
 
 CHAIN = ["max_steps=12", "checkpoint.every=2"]
@@ -156,7 +156,7 @@ def test_a_dead_data_source_ends_the_run_naming_it(tmp_path):
     for i in range(4):
         (tmp_path / f"{i:05d}.tar").write_bytes(os.urandom(4096))  # not tars: every open fails
     dead = str(tmp_path / "{00000..00003}.tar")
-    result = launch(tmp_path / "run", None, "max_steps=4", f"data.train=[{{shards: '{dead}'}}]",
+    result = launch(tmp_path / "run", None, "max_steps=4", WORKERS, f"data.train=[{{shards: '{dead}'}}]",
                     "data.samples_per_epoch=1000")
     assert result.code == 1 and not result.leftovers, result.out[-4000:]
     tracebacks = result.out.count("Traceback (most recent call last)") - result.out.count("Original Traceback")
@@ -172,7 +172,7 @@ def test_a_hung_data_source_is_killed_after_the_grace_period(tmp_path):
               "plan = build_plan(sys.argv[1], sys.argv[2:]); "
               "sys.exit(local.run_stage(plan.stages[0], 2, 'fault_engine', stop_grace_s=5))")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{TESTS}{os.pathsep}{REPO}"}
-    proc = subprocess.Popen([sys.executable, "-c", script, CONFIG, f"run_dir={run_dir}", *FAST, "max_steps=4",
+    proc = subprocess.Popen([sys.executable, "-c", script, CONFIG, f"run_dir={run_dir}", *FAST, WORKERS, "max_steps=4",
                              "data.train=[{shards: 'pipe:sleep 612'}]", "data.samples_per_epoch=1000"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     hung = lambda: [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", "612"]]  # noqa: E731

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 
-from conftest import CONFIG, FAST, REPO, TESTS, wait_for
+from conftest import CONFIG, FAST, REPO, TESTS, WORKERS, wait_for
 from launch.run_lock import HOLDER_FILE, RunDirBusy, RunLock
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{TESTS}{os.pathsep}{REPO}", "PRETRAIN_FAULT": ""}
@@ -67,7 +67,7 @@ def test_a_busy_run_dir_refuses_a_second_job_a_frozen_rank_is_named_a_killed_lau
     first = start(run_dir, "max_steps=1000", "checkpoint.every=5", f"distributed.timeout_s={TIMEOUT_S}")
     try:
         training(first, run_dir, 1)
-        assert len(job_processes(run_dir)) >= 4  # two ranks, each with a data worker and a watcher
+        assert len(job_processes(run_dir)) >= 4  # two ranks, each with a watcher
 
         asked = time.monotonic()
         second = start(run_dir, "max_steps=1000")
@@ -103,7 +103,7 @@ def test_a_busy_run_dir_refuses_a_second_job_a_frozen_rank_is_named_a_killed_lau
             first.kill()
 
     offset = len((run_dir / "metrics.jsonl").read_text().splitlines())
-    resumed = start(run_dir, "max_steps=1000", "checkpoint.every=5")
+    resumed = start(run_dir, "max_steps=1000", "checkpoint.every=5", WORKERS)  # its data workers must go with it
     try:
         training(resumed, run_dir, 0, offset)
         resumed.send_signal(signal.SIGKILL)
