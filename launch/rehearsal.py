@@ -1,15 +1,17 @@
 """`pretrain rehearse`: every stage of a schedule on its own data paths, the model shrunk to a tiny one of the same
-style, a few steps per stage with a save, a bounded evaluation, each stage's export and the hand-off to the next, on
+style, a few steps per stage with a pause half-way (a save and the stage's end, as a preemption) and a resume by the
+same command, a bounded evaluation, each stage's export and the hand-off to the next, on
 this machine's local launcher. The data each stage names is checked first (pretrain/preflight.py). The record goes to
 RUN_DIR/rehearsal.json, RUN_DIR a `-rehearsal` sibling of the schedule's own run_dir unless run_dir= names one."""
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
 
 from launch.local import run_plan
-from launch.schedule import Plan, build_plan, read_result
+from launch.schedule import Plan, build_plan, read_result, write_summary
 from launch.worker import DEFAULT_ENGINE
 from pretrain.fileio import atomic_write_json
 
@@ -19,13 +21,13 @@ MICRO_BATCH = 2
 
 def shrink(model_name: str, nproc: int, steps: int) -> list[str]:
     """Overrides for a tiny model of the same style (residual form, head and DCNv3 options, num_classes kept), the
-    smallest image, a one-layer text tower and a global batch the ranks give, a few steps with a save half-way."""
+    smallest image, a one-layer text tower and a global batch the ranks give, a few steps with a pause half-way."""
     from pretrain.models.internimage import MODEL_CONFIGS
 
     overrides = ["model.args.channels=16", "model.args.depths=[1,1,1,1]", "model.args.groups=[1,2,4,8]",
                  f"data.image_size={SMALLEST_IMAGE}", "data.workers=0", "text.width=32", "text.layers=1",
                  "text.heads=2", f"batch_size={MICRO_BATCH}", f"global_batch={MICRO_BATCH * nproc}",
-                 "optim.grad_accumulation=1", f"max_steps={steps}", f"checkpoint.every={max(1, steps // 2)}",
+                 "optim.grad_accumulation=1", f"max_steps={steps}", f"checkpoint.every={steps // 2}", f"checkpoint.pause_at={steps // 2}",
                  "logging.every=1", "logging.tensorboard=false", "logging.progress_bar=false"]
     if MODEL_CONFIGS[model_name].get("level2_post_norm_block_ids"):
         overrides.append("model.args.level2_post_norm_block_ids=[0]")  # the one block of the shrunk stage 3
@@ -61,6 +63,8 @@ def check_stages(plan: Plan, nproc: int) -> tuple[list[str], list[str]]:
     """Problems (each fails the rehearsal) and warnings, from every stage's config and data, before anything runs."""
     from pretrain.engine.config_checks import check_config
     from pretrain.data.epoch_size import disagreement
+    from pretrain.data.loader import epoch_sizes
+    from pretrain.data.shards import expand_shards
     from pretrain.engine.optim import global_batch
     from pretrain.preflight import check_stage
 
@@ -69,6 +73,7 @@ def check_stages(plan: Plan, nproc: int) -> tuple[list[str], list[str]]:
         try:
             cfg = check_config(stage.config, stage.overrides, stage.pretrained_from is not None)
             global_batch(cfg, nproc)
+            epoch_sizes(cfg.data, [expand_shards(source.shards) for source in cfg.data.train])  # true epochs' sizes
         except (OSError, ValueError) as error:
             problems.append(f"stage {stage.name} ({stage.config}): {error}")
             continue
@@ -89,6 +94,31 @@ def export_last(plan: Plan, log) -> None:
     log(f"[{last.name}] exported to {last.export_dir}")
 
 
+def events(stage, name: str) -> list[dict]:
+    """The stage's metrics.jsonl records of event `name`, oldest first."""
+    path = Path(stage.run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r.get("event") == name]
+
+
+def run_paused_and_resumed(plan: Plan, stage, nproc: int, engine: str, log) -> tuple[int, str | None]:
+    """Run the stage (it pauses half-way, saved), then the same again, which must resume from that save and finish.
+    The exit status and, when it did not, why."""
+    one_stage = Plan(plan.source, plan.run_dir, [stage], True)
+    code = run_plan(one_stage, nproc, engine, log)
+    paused = events(stage, "paused")
+    if not paused:
+        return code, None if code else "ran to its end without the pause at checkpoint.pause_at"
+    log(f"[{stage.name}] paused at step {paused[-1]['step']}; running it again, which must resume there")
+    code = run_plan(one_stage, nproc, engine, log)
+    resumed = [r["step"] for r in events(stage, "resume")]
+    if code == 0 and resumed != [paused[-1]["step"]]:
+        return 1, f"did not resume from the pause at step {paused[-1]['step']} (resumed at: {resumed})"
+    return code, None
+
+
 def rehearse(source: str, overrides: list[str], nproc: int, steps: int, engine: str = DEFAULT_ENGINE,
              log=print) -> int:
     """0 when every check and every stage passed; the record in RUN_DIR/rehearsal.json either way."""
@@ -98,16 +128,19 @@ def rehearse(source: str, overrides: list[str], nproc: int, steps: int, engine: 
               "problems": problems, "warnings": warnings, "stages": {}}
     for stage in plan.stages if not problems else []:
         start = time.monotonic()
-        code = run_plan(Plan(plan.source, plan.run_dir, [stage], True), nproc, engine, log)
+        code, why = run_paused_and_resumed(plan, stage, nproc, engine, log)
         if code == 0 and stage is plan.stages[-1]:
             export_last(plan, log)
         result = read_result(stage)
         record["stages"][stage.name] = {"status": "passed" if code == 0 else f"failed (exit {code})",
-                                        "seconds": round(time.monotonic() - start, 1), "result": result}
+                                        "seconds": round(time.monotonic() - start, 1),
+                                        "resumed_at": [r["step"] for r in events(stage, "resume")], "result": result}
         if code:
-            problems.append(f"stage {stage.name}: failed (exit status {code}); its log is above")
+            problems.append(f"stage {stage.name}: {why or f'failed (exit status {code}); its log is above'}")
             break
     record["passed"] = not problems
+    if record["stages"]:
+        write_summary(plan)  # each stage's run wrote a summary of itself alone
     Path(plan.run_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_json(Path(plan.run_dir) / "rehearsal.json", record)
     print(table(plan, record), flush=True)

@@ -150,9 +150,13 @@ class CheckpointConfig:
     """Steps between the ranks' joint checks for a stop request (SIGTERM, SIGUSR1, SLURM's USR2): a stop saves
     within this many steps. Each check is a collective that waits for the device, so not every step; SLURM's signal
     comes signal_delay_s (90 s) before the time limit, which must hold this many steps and the save."""
+    pause_at: int | None = None
+    """Save at this optimizer step and end the stage as a preemption does, the schedule still that of max_steps; the
+    same command resumes it and runs on (the rehearsal's save-and-resume; a first look at a long run)."""
 
     def __post_init__(self):
-        _positive("checkpoint.", every=self.every, keep=self.keep, stop_check_every=self.stop_check_every)
+        _positive("checkpoint.", every=self.every, keep=self.keep, stop_check_every=self.stop_check_every,
+                  pause_at=self.pause_at)
 
 
 @dataclass
@@ -249,6 +253,9 @@ class StageConfig:
         _positive("", epochs=self.epochs, warmup_epochs=self.warmup_epochs, global_batch=self.global_batch)
         self._steps_from_epochs()
         _positive("", max_steps=self.max_steps, batch_size=self.batch_size, num_classes=self.num_classes)
+        if self.checkpoint.pause_at is not None and self.checkpoint.pause_at >= self.max_steps:
+            raise ConfigError(f"checkpoint.pause_at ({self.checkpoint.pause_at}) must be below max_steps "
+                              f"({self.max_steps})")
         if not self.run_dir:
             raise ConfigError("run_dir must not be empty")
         trains_on = train_format(self.task)

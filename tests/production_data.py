@@ -53,15 +53,21 @@ def img2dataset_source(folder: Path, shards: int, per_shard: int, captions: bool
 
 
 def classification_shards(folder: Path, prefix: str, shards: int, per_shard: int, labels, digits_width: int) -> None:
-    """PREFIX-{0..0}.tar (digits_width digits) of KEY.jpg + KEY.cls; labels(n) gives sample n's class."""
+    """PREFIX-{0..0}.tar (digits_width digits) of KEY.jpg + KEY.cls, with their counts in the folder's sizes.json
+    (as `pretrain shards make` writes it; true epochs need it); labels(n) gives sample n's class."""
     digits = _digits()
+    sizes_file = folder / "sizes.json"
+    sizes = json.loads(sizes_file.read_text()) if sizes_file.is_file() else {}
     for shard in range(shards):
         samples = []
         for index in range(per_shard):
             n = shard * per_shard + index
             samples.append({"__key__": f"{prefix}{shard:04d}_{index:04d}", "jpg": jpeg(digits[n % len(digits)]),
                             "cls": str(labels(n)).encode()})
-        _write_tar(folder / f"{prefix}-{shard:0{digits_width}d}.tar", samples)
+        name = f"{prefix}-{shard:0{digits_width}d}.tar"
+        _write_tar(folder / name, samples)
+        sizes[name] = per_shard
+    sizes_file.write_text(json.dumps(sizes))
 
 
 RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")

@@ -64,6 +64,8 @@ def test_numbers_as_people_write_them(override, expected):
     ("max_steps=2.5", "expected int"),
     ("eval.every=-1", "eval.every must be > 0"),
     ("optim.betas=[0.9, 1.0]", "optim.betas"),
+    ("checkpoint.pause_at=0", "checkpoint.pause_at must be > 0"),
+    ("checkpoint.pause_at=1000000", "checkpoint.pause_at (1000000) must be below max_steps"),
 ])
 def test_values_that_make_no_sense_are_refused(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -10,7 +10,8 @@ def add_arguments(parser):
                         help="dotted overrides for every stage, STAGE:KEY=VALUE for one; run_dir=DIR (default: the "
                              "schedule's run_dir with -rehearsal appended)")
     parser.add_argument("--nproc", type=int, default=2, help="local ranks per stage (default 2)")
-    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per stage, with a save half-way")
+    parser.add_argument("--steps", type=int, default=4,
+                        help="optimizer steps per stage (>= 2), paused with a save half-way and resumed")
     parser.add_argument("--engine", default="pretrain.engine", help=argparse.SUPPRESS)  # test seam
     accept_late_overrides(parser)
 
@@ -20,8 +21,9 @@ def main(args) -> int:
 
     from launch.rehearsal import rehearse
 
-    if args.nproc <= 0 or args.steps <= 0:
-        print(f"pretrain rehearse: --nproc and --steps must be > 0, got {args.nproc} and {args.steps}", file=sys.stderr)
+    if args.nproc <= 0 or args.steps < 2:
+        print(f"pretrain rehearse: --nproc must be > 0 and --steps >= 2 (a pause and a resume), got {args.nproc} and "
+              f"{args.steps}", file=sys.stderr)
         return 2
     try:
         return rehearse(args.source, args.overrides, args.nproc, args.steps, args.engine,

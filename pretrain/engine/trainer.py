@@ -154,13 +154,14 @@ class Trainer:
         elif cfg.model.pretrained:
             metrics.event("pretrained", step=0, path=str(Path(cfg.model.pretrained).resolve()))
         flops = self._flops_per_sample()
-        batches, window = iter(self.loader), _Window()
+        batches, window, start_step = iter(self.loader), _Window(), self.step
         try:
             while self.step < cfg.max_steps:
-                if self.step % cfg.checkpoint.stop_check_every == 0 and \
+                pause = self.step == cfg.checkpoint.pause_at and self.step > start_step  # alike on every rank
+                if pause or self.step % cfg.checkpoint.stop_check_every == 0 and \
                         any_rank(preemption.stop_requested(), self.world.device):
                     self._save()
-                    metrics.event("preempted", step=self.step)
+                    metrics.event("paused" if pause else "preempted", step=self.step)
                     return {"status": "preempted", "metrics": {"step": self.step}}
                 self.progress.beat(self.step, "step")
                 window.add(self._train_step(batches))
