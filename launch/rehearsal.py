@@ -27,7 +27,8 @@ def shrink(model_name: str, nproc: int, steps: int) -> list[str]:
     overrides = ["model.args.channels=16", "model.args.depths=[1,1,1,1]", "model.args.groups=[1,2,4,8]",
                  f"data.image_size={SMALLEST_IMAGE}", "data.workers=0", "text.width=32", "text.layers=1",
                  "text.heads=2", f"batch_size={MICRO_BATCH}", f"global_batch={MICRO_BATCH * nproc}",
-                 "optim.grad_accumulation=1", f"max_steps={steps}", f"checkpoint.every={steps // 2}", f"checkpoint.pause_at={steps // 2}",
+                 "optim.grad_accumulation=1", f"max_steps={steps}", f"checkpoint.every={steps // 2}",
+                 f"checkpoint.pause_at={steps // 2}",
                  "logging.every=1", "logging.tensorboard=false", "logging.progress_bar=false"]
     if MODEL_CONFIGS[model_name].get("level2_post_norm_block_ids"):
         overrides.append("model.args.level2_post_norm_block_ids=[0]")  # the one block of the shrunk stage 3

@@ -42,8 +42,10 @@ def test_a_label_out_of_range_a_source_without_captions_and_an_unlabelled_val_se
     ]
     assert err.splitlines()[-3:] == [f"rehearsal: {line}" for line in record["problems"]]
     assert "rehearsal of" in out and "FAILED" in out and "in1k         not run" in out
-    assert record["warnings"][0] == ("stage pretrain: data.samples_per_epoch is 427,000,000 but the shards' "
-                                     "sizes.json/*_stats.json count 36 samples")
+    assert record["warnings"] == [
+        "stage pretrain: data.samples_per_epoch is 427,000,000 but the shards' sizes.json/*_stats.json count 36 samples",
+        "stage in22k: data.samples_per_epoch is 14,197,122 but the shards' sizes.json/*_stats.json count 16 samples",
+        "stage in1k: data.samples_per_epoch is 1,281,167 but the shards' sizes.json/*_stats.json count 16 samples"]
 
 
 def test_the_production_image_text_stages_zero_shot_val_set_passes_the_checks(tmp_path):
