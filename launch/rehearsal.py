@@ -64,8 +64,6 @@ def check_stages(plan: Plan, nproc: int) -> tuple[list[str], list[str]]:
     """Problems (each fails the rehearsal) and warnings, from every stage's config and data, before anything runs."""
     from pretrain.engine.config_checks import check_config
     from pretrain.data.epoch_size import disagreement
-    from pretrain.data.loader import epoch_sizes
-    from pretrain.data.shards import expand_shards
     from pretrain.engine.optim import global_batch
     from pretrain.preflight import check_stage
 
@@ -74,7 +72,6 @@ def check_stages(plan: Plan, nproc: int) -> tuple[list[str], list[str]]:
         try:
             cfg = check_config(stage.config, stage.overrides, stage.pretrained_from is not None)
             global_batch(cfg, nproc)
-            epoch_sizes(cfg.data, [expand_shards(source.shards) for source in cfg.data.train])  # true epochs' sizes
         except (OSError, ValueError) as error:
             problems.append(f"stage {stage.name} ({stage.config}): {error}")
             continue

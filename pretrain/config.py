@@ -323,9 +323,9 @@ class MissingFile(ConfigError):
 
 
 def check_files(cfg: StageConfig, pretrained_by_schedule: bool = False) -> StageConfig:
-    """The files the stage will read: the pretrained weights (unless an earlier stage of the schedule makes them) and
-    every local shard; MissingFile names the first one missing."""
-    from pretrain.data.epoch_size import disagreement
+    """The files the stage will read: the pretrained weights (unless an earlier stage of the schedule makes them),
+    every local shard, and the shard sizes true epochs need; MissingFile names the first file missing."""
+    from pretrain.data.epoch_size import disagreement, epoch_sizes
     from pretrain.data.shards import expand_shards
 
     if cfg.model.pretrained and not pretrained_by_schedule and not Path(cfg.model.pretrained).is_file():
@@ -338,6 +338,10 @@ def check_files(cfg: StageConfig, pretrained_by_schedule: bool = False) -> Stage
             expand_shards(pattern)
         except (OSError, ValueError) as error:
             raise MissingFile(f"{key}: {error}", cfg) from None
+    try:
+        epoch_sizes(cfg.data, [expand_shards(source.shards) for source in cfg.data.train])
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     warning = disagreement(cfg.data)
     if warning:
         print(f"warning: {warning}", file=sys.stderr, flush=True)

@@ -12,6 +12,7 @@ import torch
 from conftest import CONFIG, REPO, SCRIPTS, free_port, losses, records, run, stage_command, wait_for
 from pretrain.config import load_stage_config
 from pretrain.engine.config_checks import load_config
+from pretrain.engine.optim import warmup_cosine
 from pretrain.typed_config import ConfigError
 
 
@@ -156,6 +157,10 @@ def test_finetune_from_export_with_mixup_reports_the_ema_it_exports(reference_ru
 
     reported = run_finetune(nproc=2)
     assert records(run_dir)[0] == {**records(run_dir)[0], "event": "pretrained", "path": str(Path(export).resolve())}
+    # lr_peak is the schedule's lr after the step (the head's group), not group 0's: the stem's 0.9^(depth + 1) of it
+    base_lr = 1e-3 * 32 / 128  # optim.lr scaled from lr_batch 128 to 2 x 16
+    logged = {r["step"]: r["lr_peak"] for r in records(run_dir) if "lr_peak" in r}
+    assert logged == pytest.approx({s: base_lr * warmup_cosine(s, 10, 4, 1e-5 / base_lr) for s in (2, 4)}, rel=1e-6)
 
     exported = {}
     for weights in ("ema", "live"):

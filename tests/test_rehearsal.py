@@ -74,6 +74,21 @@ def test_true_epochs_over_shards_without_sizes_fail_the_checks_before_any_stage_
                         f"{tmp_path}/data/imagenet22k-wds/train-00000.tar"]
 
 
+def test_pretrain_run_of_true_epochs_over_shards_without_sizes_says_so_in_one_line_and_starts_no_rank(tmp_path, capsys):
+    from test_launch_units import run_cli
+
+    write_production_data(tmp_path / "data")
+    (tmp_path / "data/imagenet22k-wds/sizes.json").unlink()
+    configs = production_configs(tmp_path, tmp_path / "data")
+    code = run_cli([str(configs / "internimage_h/in22k_384.yaml"), "--launcher", "local", "--nproc", "2",
+                    f"run_dir={tmp_path}/run", "model.pretrained=null"])
+    out, err = capsys.readouterr()
+    assert code == 2 and not out and err.count("\n") == 1, err
+    assert err.endswith("data.resampled: false needs every shard's size (sizes.json or *_stats.json beside it); 2 have "
+                        f"none, e.g. {tmp_path}/data/imagenet22k-wds/train-00000.tar\n")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("schedule", ["internimage_h", "internimage_g"])
 def test_the_production_schedule_rehearses_to_the_end_with_a_pause_and_resume_in_every_stage(
         schedule, tmp_path, monkeypatch, capsys):

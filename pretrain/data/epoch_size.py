@@ -1,5 +1,5 @@
 """The epoch's length in samples, from the config or counted from the shards' sizes.json / img2dataset *_stats.json,
-and the comparison of the two; both run before any rank starts."""
+the comparison of the two, and the shard sizes true epochs need; all run before any rank starts."""
 from pretrain.data.config import DataConfig
 from pretrain.data.shards import expand_shards, shard_sizes
 
@@ -37,3 +37,17 @@ def disagreement(cfg: DataConfig) -> str | None:
         return None
     return (f"data.samples_per_epoch is {cfg.samples_per_epoch:,} but the shards' sizes.json/*_stats.json count "
             f"{total:,} samples")
+
+
+def epoch_sizes(cfg: DataConfig, sources: list[list[str]]) -> list[int] | None:
+    """The shards' sizes, which true epochs (resampled: false) cut into segments; None when resampling."""
+    if cfg.resampled:
+        return None
+    if len(sources) != 1:
+        raise ValueError("data.resampled: false reads true epochs of one source; mix sources with resampled: true")
+    sizes = shard_sizes(sources[0])
+    unknown = [url for url, size in zip(sources[0], sizes) if size is None]
+    if unknown:
+        raise ValueError(f"data.resampled: false needs every shard's size (sizes.json or *_stats.json beside it); "
+                         f"{len(unknown)} have none, e.g. {unknown[0]}")
+    return sizes

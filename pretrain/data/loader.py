@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pretrain.data import shards
 from pretrain.data.config import DataConfig
 from pretrain.data.decode import SampleDecoder
+from pretrain.data.epoch_size import epoch_sizes
 from pretrain.data.pipeline import eval_pipeline, train_pipeline
 from pretrain.data.resumable import (FORMAT, Piece, Pieces, Resampled, SourceStream, Stream, epoch_sequence,
                                      piece_length, segment)
@@ -314,20 +315,6 @@ def train_sources(cfg: DataConfig, world_size: int) -> tuple[list[list[str]], in
         raise ValueError("data.samples_per_epoch is not set and not every shard has a size in sizes.json or "
                          "*_stats.json beside it; set data.samples_per_epoch")
     return sources, samples
-
-
-def epoch_sizes(cfg: DataConfig, sources: list[list[str]]) -> list[int] | None:
-    """The shards' sizes, which true epochs (resampled: false) cut into segments; None when resampling."""
-    if cfg.resampled:
-        return None
-    if len(sources) != 1:
-        raise ValueError("data.resampled: false reads true epochs of one source; mix sources with resampled: true")
-    sizes = shards.shard_sizes(sources[0])
-    unknown = [url for url, size in zip(sources[0], sizes) if size is None]
-    if unknown:
-        raise ValueError(f"data.resampled: false needs every shard's size (sizes.json or *_stats.json beside it); "
-                         f"{len(unknown)} have none, e.g. {unknown[0]}")
-    return sizes
 
 
 def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int, batch_size: int, seed: int) -> TrainLoader:
