@@ -70,3 +70,26 @@ def reference_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("reference")
     result = run(run_dir, "max_steps=12", "checkpoint.every=4")
     return run_dir, result
+
+
+@pytest.fixture(scope="session")
+def reference_weights(reference_run, tmp_path_factory) -> dict:
+    """Every parameter of the reference run's last checkpoint as DeepSpeed's universal conversion writes it (one fp32
+    file each): ds_to_universal merges the ranks' shards its own way, a reading independent of zero_to_fp32, which
+    consolidate uses. Converted in a copy: the reference run's checkpoints are shared with other tests."""
+    import shutil
+
+    import torch
+
+    from pretrain.engine.checkpoint import convert_to_universal
+    from pretrain.engine.safe_loading import load_file
+
+    work = tmp_path_factory.mktemp("universal")
+    shutil.copytree(reference_run[0] / "checkpoints", work / "checkpoints")
+    tag = (work / "checkpoints/latest").read_text().strip()
+    convert_to_universal(work / "checkpoints", tag, world_size=1)
+    zero = work / "checkpoints" / f"{tag}_universal" / "zero"
+    # the files hold flat tensors; their shapes are in DeepSpeed's model states
+    groups = load_file(work / "checkpoints" / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt")["param_shapes"]
+    shapes = {name: shape for group in groups for name, shape in group.items()}
+    return {name: torch.load(zero / name / "fp32.pt", weights_only=True).view(shape) for name, shape in shapes.items()}

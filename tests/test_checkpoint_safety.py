@@ -69,13 +69,18 @@ def test_resume_refuses_a_crafted_checkpoint(reference_run, tmp_path):
 
 
 def test_universal_conversion_refuses_a_crafted_checkpoint(reference_run, tmp_path):
+    """The conversion a resume on another number of ranks runs first (saved on 2, resumed on 1), called as rank 0 does
+    before its process group exists."""
+    from pretrain.engine.checkpoint import convert_for_resume
+
     marker = tmp_path / "payload-ran"
     checkpoints = crafted_checkpoint(reference_run[0], tmp_path, marker)
-    proc = resume(checkpoints.parent, nproc=1)  # saved on 2 ranks: converted to the universal format first
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 1, out[-6000:]
-    assert "universal conversion" in out and "refused to load" in out
-    assert not marker.exists() and not list(checkpoints.glob("*_universal"))
+    with pytest.raises(RuntimeError) as refused:
+        convert_for_resume(checkpoints, rank=0, world_size=1)
+    message = str(refused.value)
+    assert message.startswith(f"the universal conversion of {checkpoints}/step00000012 (saved on 2 ranks, resumed on "
+                              "1) failed: UnsafeCheckpointError: refused to load"), message
+    assert not marker.exists() and not list(checkpoints.glob("*_universal")) and not list(checkpoints.glob(".staging*"))
 
 
 def test_consolidate_refuses_a_crafted_checkpoint(reference_run, tmp_path):

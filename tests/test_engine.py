@@ -1,5 +1,6 @@
 """Two-rank ZeRO-3 runs on CPU through DeepSpeed itself: crash resume, preemption, consolidation, world-size change."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -28,7 +29,9 @@ def test_uninterrupted_run_learns_and_reports(reference_run):
     assert (Path(run_dir) / "checkpoints/latest").read_text() == "step00000012"
     assert sorted(p.name for p in (Path(run_dir) / "checkpoints").glob("step*")) == ["step00000008", "step00000012"]
     evaluation = json.loads((Path(run_dir) / "result.json").read_text())
-    assert evaluation["zero_shot_classes"] == 10 and 0 <= evaluation["zero_shot_top1"] <= evaluation["zero_shot_top5"] <= 1
+    # Every held-out image of the ten digits scored; the figures themselves are checked against independent
+    # evaluations of the weights (open_clip's in test_export.py, the one-rank resume's below).
+    assert (evaluation["zero_shot_classes"], evaluation["eval_samples"]) == (10, 359)
     assert list((Path(run_dir) / "tensorboard").glob("events.out.tfevents.*"))
 
 
@@ -71,8 +74,7 @@ def test_sigterm_saves_a_complete_checkpoint_on_every_rank(tmp_path):
     assert records(tmp_path)[-1]["event"] == "preempted"
 
 
-def test_consolidation_equals_zero_to_fp32(reference_run, tmp_path):
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def test_consolidation_equals_an_independent_reading_of_the_shards(reference_run, reference_weights, tmp_path):
     from safetensors.torch import load_file
 
     from pretrain.models import create_model, load_official_checkpoint
@@ -82,8 +84,7 @@ def test_consolidation_equals_zero_to_fp32(reference_run, tmp_path):
                           "--out", str(tmp_path), "--dtype", "fp16"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     backbone = load_file(str(tmp_path / "backbone.safetensors"))
-    full = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"))
-    expected = {k[len("visual."):]: v.half() for k, v in full.items()
+    expected = {k[len("visual."):]: v.half() for k, v in reference_weights.items()
                 if k.startswith("visual.") and not k.startswith("visual.head.")}
     assert backbone.keys() == expected.keys()
     assert all(backbone[k].dtype == torch.float16 and torch.equal(backbone[k], expected[k]) for k in expected)
@@ -105,13 +106,22 @@ def test_two_rank_checkpoint_resumes_on_one_rank(reference_run, tmp_path):
     # What a conversion killed half-way leaves: a staging folder, and (from older versions) a target without manifest.
     (checkpoints / ".staging-step00000012_universal/zero").mkdir(parents=True)
     (checkpoints / "step00000012_universal/zero").mkdir(parents=True)
-    result = run(tmp_path, "max_steps=14", "checkpoint.every=4", nproc=1)
-    assert result["status"] == "completed" and result["metrics"]["step"] == 14
+    # At max_steps=12 there is nothing left to train: the one rank loads the converted weights and evaluates them,
+    # on the same val shards as the two ranks that saved them.
+    evaluated = run(tmp_path, "max_steps=12", "checkpoint.every=4", nproc=1)
     resume = next(r for r in records(tmp_path) if r.get("event") == "resume")
     assert resume["step"] == 12 and resume["world_size"] == 1 and resume["checkpoint"].endswith("_universal")
     assert "continues at step 24 on 1 ranks" in resume["data"]  # 12 steps x 2 ranks of the epoch, not step 0 again
     assert (checkpoints / "step00000012_universal/manifest.json").is_file()  # converted anew, then committed
-    assert all(l == l for l in losses(tmp_path).values())  # finite, not NaN
+    reference = json.loads((reference_dir / "result.json").read_text())
+    assert evaluated["metrics"] == reference
+    # And it trains on from the converted optimizer state (the conversion is kept, not redone).
+    converted = (checkpoints / "step00000012_universal/manifest.json").stat().st_mtime_ns
+    result = run(tmp_path, "max_steps=14", "checkpoint.every=4", nproc=1)
+    assert (checkpoints / "step00000012_universal/manifest.json").stat().st_mtime_ns == converted
+    assert result["status"] == "completed" and result["metrics"]["step"] == 14
+    trained = losses(tmp_path)
+    assert sorted(trained) == [13, 14] and all(math.isfinite(loss) for loss in trained.values())
 
 
 @pytest.mark.parametrize("override,message", [

@@ -35,17 +35,15 @@ def test_onnx_runs_in_onnxruntime_like_pytorch_at_any_batch(tmp_path, name, size
 
 
 @pytest.fixture(scope="module")
-def exported(reference_run, tmp_path_factory):
+def exported(reference_run, reference_weights, tmp_path_factory):
     """The reference run's checkpoint through `pretrain consolidate`, in fp32, and the fp32 weights it holds."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     run_dir, _ = reference_run
     out = tmp_path_factory.mktemp("export")
     proc = subprocess.run([sys.executable, "-m", "launch", "consolidate", str(run_dir / "checkpoints"), "--out",
                            str(out), "--dtype", "fp32"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((run_dir / "result.json").read_text())  # the run's own evaluation (2 ranks, shards)
-    return out, get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints")), result
+    return out, reference_weights, result
 
 
 def test_timm_local_dir_builds_the_exported_model(exported):
