@@ -51,6 +51,19 @@ def rehearsal_plan(source: str, overrides: list[str], nproc: int, steps: int) ->
     return plan
 
 
+def on_the_shards_epoch(plan: Plan) -> None:
+    """Each stage's epoch set to the samples its shards hold, where every one has a size (the configured epoch is
+    checked against that count first): an epoch far longer than the rehearsal's few shards would make each stream's
+    state of true epochs a list of every pass over them, saved and loaded at every checkpoint."""
+    from pretrain.config import load_stage_config
+    from pretrain.data.epoch_size import counted_samples
+
+    for stage in plan.stages:
+        counted, _ = counted_samples(load_stage_config(stage.config, stage.overrides).data)
+        if counted:
+            stage.overrides.insert(0, f"data.samples_per_epoch={counted}")  # the user's overrides still win
+
+
 def zero_shot_class_count(cfg) -> int | None:
     """How many classes the image-text stage's zero-shot evaluation scores (None: classification, or retrieval)."""
     if cfg.task != "image-text" or cfg.eval.zero_shot is None:
@@ -124,6 +137,7 @@ def rehearse(source: str, overrides: list[str], nproc: int, steps: int, engine: 
     problems, warnings = check_stages(plan, nproc)
     record = {"schedule": plan.source, "run_dir": plan.run_dir, "nproc": nproc, "steps": steps,
               "problems": problems, "warnings": warnings, "stages": {}}
+    on_the_shards_epoch(plan)
     for stage in plan.stages if not problems else []:
         start = time.monotonic()
         code, why = run_paused_and_resumed(plan, stage, nproc, engine, log)

@@ -9,6 +9,7 @@ from launch import cli
 from pretrain.config import load_stage_config
 
 import pytest
+import yaml
 
 
 def rehearse(capsys, *argv):
@@ -112,3 +113,7 @@ def test_the_production_schedule_rehearses_to_the_end_with_a_pause_and_resume_in
         assert (run_dir / name / "export" / "export.json").is_file()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["headlines"]) == {"pretrain", "in22k", "in1k"} and summary["complete"]
+    # Each stage ran on the epoch its shards hold (the configured one was a warning of the checks)
+    ran_on = {name: yaml.safe_load((run_dir / name / "config.yaml").read_text())["data"]["samples_per_epoch"]
+              for name in record["stages"]}
+    assert ran_on == {"pretrain": 36, "in22k": 16, "in1k": 16}
