@@ -20,6 +20,11 @@ FAST = ["data.workers=0", "batch_size=16", "logging.every=1", "logging.progress_
 WORKERS = "data.workers=1"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu_check_smoke: tools/gpu_check.py's CPU smoke run (~2 min; CI runs it, "
+                                       "`pytest -m 'not gpu_check_smoke'` leaves it out while working)")
+
+
 @pytest.fixture
 def torchrun():
     """Run a script under torchrun with N CPU ranks; returns the CompletedProcess (fails the test on non-zero exit)."""

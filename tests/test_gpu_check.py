@@ -29,6 +29,7 @@ def smoke(tmp_path_factory):
     return proc, json.loads(out.read_text())
 
 
+@pytest.mark.gpu_check_smoke
 def test_smoke_run_passes_every_part(smoke):
     proc, report = smoke
     assert proc.returncode == 0, proc.stdout[-6000:]
@@ -39,6 +40,7 @@ def test_smoke_run_passes_every_part(smoke):
     assert "gpu_check: all checks passed" in proc.stdout
 
 
+@pytest.mark.gpu_check_smoke
 def test_smoke_engine_trains_and_resumes_exactly(smoke):
     engine = smoke[1]["parts"]["engine"]["figures"]
     bf16 = engine["bf16"]
@@ -51,6 +53,7 @@ def test_smoke_engine_trains_and_resumes_exactly(smoke):
     assert engine["resume"]["bit_identical"] and engine["resume"]["max_relative_difference"] == 0.0
 
 
+@pytest.mark.gpu_check_smoke
 def test_smoke_step_loops_report_throughput_memory_and_profile(smoke):
     h = smoke[1]["parts"]["h"]["figures"]
     for loop, task in (("finetune", "classification"), ("image_text", "image-text")):
@@ -69,6 +72,7 @@ def test_smoke_step_loops_report_throughput_memory_and_profile(smoke):
     assert h["image_text"]["profile"] is None
 
 
+@pytest.mark.gpu_check_smoke
 def test_smoke_benchmark_and_tests(smoke):
     parts = smoke[1]["parts"]
     rows = parts["dcnv3"]["figures"]["rows"]
