@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pretrain.data import shards
 from pretrain.data.config import DataConfig
 from pretrain.data.decode import SampleDecoder
-from pretrain.data.epoch_size import epoch_sizes
+from pretrain.data.epoch_size import epoch_samples, epoch_sizes
 from pretrain.data.pipeline import eval_pipeline, train_pipeline
 from pretrain.data.resumable import (FORMAT, Piece, Pieces, Resampled, SourceStream, Stream, epoch_sequence,
                                      piece_length, segment)
@@ -307,20 +307,15 @@ def undelivered(state: dict, dataset: TrainStream) -> list[Piece]:
     return pieces
 
 
-def train_sources(cfg: DataConfig, world_size: int) -> tuple[list[list[str]], int]:
+def train_sources(cfg: DataConfig) -> tuple[list[list[str]], int]:
     """Expanded (and checked) shard lists of the sources, and the samples in an epoch."""
-    sources = [shards.expand_shards(source.shards) for source in cfg.train]
-    samples = cfg.samples_per_epoch or shards.total_size([url for urls in sources for url in urls])
-    if samples is None:
-        raise ValueError("data.samples_per_epoch is not set and not every shard has a size in sizes.json or "
-                         "*_stats.json beside it; set data.samples_per_epoch")
-    return sources, samples
+    return [shards.expand_shards(source.shards) for source in cfg.train], epoch_samples(cfg)
 
 
 def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int, batch_size: int, seed: int) -> TrainLoader:
     """Fails fast, naming the path, on a missing local shard; see TrainLoader for the batches."""
     cfg = resolve_demo(cfg)
-    sources, samples = train_sources(cfg, world_size)
+    sources, samples = train_sources(cfg)
     sizes = epoch_sizes(cfg, sources)
     steps_per_epoch = samples // (world_size * batch_size)
     if steps_per_epoch == 0:

@@ -70,9 +70,3 @@ def shard_size(url: str, folders: dict[str, dict]) -> int | None:
         with open(stats_file) as f:
             return int(json.load(f)["successes"])
     return None
-
-
-def total_size(urls: list[str]) -> int | None:
-    """Samples in all the shards, or None if any shard's size is unknown."""
-    sizes = shard_sizes(urls)
-    return None if None in sizes else sum(sizes)
