@@ -15,6 +15,7 @@ class WandbWriter:
     def __init__(self, run_dir: Path, project: str, config: dict):
         import wandb
 
+        self.wandb = wandb
         self.run = wandb.init(project=project, dir=str(run_dir), name=Path(run_dir).name, id=wandb_run_id(run_dir),
                               resume="allow", config=config)
 
@@ -23,3 +24,6 @@ class WandbWriter:
 
     def close(self):
         self.run.finish()
+        # finish() can return before wandb's service process has written the last records to the offline run's
+        # .wandb file (seen in CI: config there, history not yet); teardown waits for that process to end.
+        self.wandb.teardown()
