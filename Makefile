@@ -33,4 +33,4 @@ gpu-check:
 	$(GPU_PY) tools/gpu_check.py --out runs/gpu_check.json $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf build *.egg-info pretrain/*.so
+	rm -rf build *.egg-info pretrain/*.so pretrain/_dcnv3_cuda_build.json

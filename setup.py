@@ -4,6 +4,7 @@ Install torch first, then `pip install --no-build-isolation -e .` so the DCNv3 e
 The CPU kernel always builds. The CUDA kernel builds whenever torch has CUDA and nvcc is found, with or without a
 visible GPU, so a kernel that does not compile fails CI on a machine without one.
 """
+import json
 import os
 import platform
 import shutil
@@ -19,6 +20,12 @@ DCNV3_SOURCES = Path("csrc") / "dcnv3"
 # only when the compiler may reorder them; these flags allow that without -ffast-math's global side effects
 # (flush-to-zero at load time) or its NaN assumptions.
 CPU_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
+CUDA_EXTENSION = "pretrain._dcnv3_cuda"
+# Native code for A100 (8.0) and H100/H200 (9.0), and PTX for the newest: a newer GPU JITs it at load instead of finding
+# no kernel image. Without a default torch would build for the visible GPU only, or for every arch it knows.
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
+# Written beside the CUDA kernel at build time; the run's start-up line reports it (pretrain/ops/kernels.py).
+CUDA_BUILD_RECORD = "_dcnv3_cuda_build.json"
 
 
 def find_nvcc_home() -> str | None:
@@ -56,11 +63,10 @@ def dcnv3_extensions() -> list:
                                        include_dirs=include, extra_compile_args=CPU_FLAGS + ["-march=x86-64-v3"],
                                        extra_link_args=["-fopenmp"]))
     if torch.version.cuda and nvcc_home:
-        # PTX for the newest arch: GPUs newer than 9.0 JIT it at load instead of finding no kernel image.
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
         sources = [str(DCNV3_SOURCES / name) for name in ("dcnv3_cuda.cu", "dcnv3_cuda_bind.cpp")]
         extensions.append(CUDAExtension(
-            "pretrain._dcnv3_cuda", sources, include_dirs=include,
+            CUDA_EXTENSION, sources, include_dirs=include,
             extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]}))
     return extensions
 
@@ -68,16 +74,25 @@ def dcnv3_extensions() -> list:
 def build_ext_command():
     from torch.utils.cpp_extension import BuildExtension
 
-    return BuildExtension.with_options(use_ninja=True)
+    class BuildRecordingArchs(BuildExtension.with_options(use_ninja=True)):
+        def run(self):
+            super().run()
+            if any(ext.name == CUDA_EXTENSION for ext in self.extensions):
+                # after run(): an in-place (editable) build's path is the kernel's in the source tree, not build/'s
+                record = Path(self.get_ext_fullpath(CUDA_EXTENSION)).with_name(CUDA_BUILD_RECORD)
+                record.write_text(json.dumps({"arch_list": os.environ["TORCH_CUDA_ARCH_LIST"]}))
+
+    return BuildRecordingArchs
 
 
-setup(
-    name="internimage-pretrain",
-    version="0.1.0",
-    description="Distributed pretraining of InternImage vision foundation models",
-    python_requires=">=3.10",
-    packages=find_packages(include=["pretrain", "pretrain.*", "launch", "launch.*"]),
-    entry_points={"console_scripts": ["pretrain = launch.cli:main"]},
-    ext_modules=dcnv3_extensions(),
-    cmdclass={"build_ext": build_ext_command()},
-)
+if __name__ == "__main__":  # pip runs it as __main__; tests import it for its defaults
+    setup(
+        name="internimage-pretrain",
+        version="0.1.0",
+        description="Distributed pretraining of InternImage vision foundation models",
+        python_requires=">=3.10",
+        packages=find_packages(include=["pretrain", "pretrain.*", "launch", "launch.*"]),
+        entry_points={"console_scripts": ["pretrain = launch.cli:main"]},
+        ext_modules=dcnv3_extensions(),
+        cmdclass={"build_ext": build_ext_command()},
+    )

@@ -141,6 +141,19 @@ class ZeroConfig:
 
 
 @dataclass
+class CudaConfig:
+    """Process-wide GPU math settings, applied at start-up (pretrain/engine/backends.py)."""
+
+    tf32: bool = True
+    """TF32 tensor cores for fp32 matmuls and convolutions (torch.backends.cuda.matmul / cudnn allow_tf32). What runs
+    in fp32 (an fp32 stage, a bf16 stage's fp32 loss) then goes ~8x faster on A100/H100, with a 10-bit mantissa, more
+    than bf16's 7; bf16 and fp16 ops are unaffected. false: full fp32 (a precision check)."""
+    cudnn_benchmark: bool = True
+    """cudnn times its convolution algorithms once per input shape and keeps the fastest: a stage's stem, downsample
+    and depth-wise convolutions see one shape each, so the search is paid once."""
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 1000
     """Save every this many optimizer steps (and at the end, and on SIGTERM/SIGUSR1)."""
@@ -244,6 +257,7 @@ class StageConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(demo_root="data/demo"))
     optim: OptimConfig = field(default_factory=OptimConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
+    cuda: CudaConfig = field(default_factory=CudaConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

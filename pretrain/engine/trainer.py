@@ -14,6 +14,7 @@ import torch
 from pretrain.config import StageConfig, save_resolved
 from pretrain.data.stats import NOT_SKIPS, skipped_total
 from pretrain.engine import preemption
+from pretrain.engine.backends import apply_cuda_settings, startup_line
 from pretrain.engine.checkpoint import CheckpointManager, convert_for_resume
 from pretrain.engine.config_checks import load_config
 from pretrain.engine.distributed import (World, abort, any_rank, init_distributed, mean_over_ranks, seed_everything,
@@ -83,6 +84,7 @@ class Trainer:
         preemption.install_handlers()
         self.progress = Progress(self.run_dir, world.rank, cfg.distributed.timeout_s)
         self.progress.beat(0, "start")
+        apply_cuda_settings(cfg.cuda)
         self.task = build_task(cfg, world)
         self.dtype = DTYPES[cfg.precision]
         self.checkpoints = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep, world.rank, world.size,
@@ -104,6 +106,9 @@ class Trainer:
             model=model, model_parameters=param_groups(model, cfg, base_lr),
             config=deepspeed_config(cfg, base_lr, world.device.type == "cuda", universal),
             lr_scheduler=scheduler_factory(cfg, base_lr))
+        if world.is_main:
+            print(f"[rank 0] {startup_line(world.device, self.engine.basic_optimizer, cfg.precision)}",
+                  file=sys.stderr, flush=True)
         self.checkpoints.attach(self.engine)
         self.loader = build_train_loader(cfg.data, rank=world.rank, world_size=world.size,
                                          batch_size=cfg.batch_size, seed=cfg.seed)

@@ -6,6 +6,8 @@ both. `layout` is the release's integer arguments in its order (kernel_h, kernel
 dilation_h, dilation_w, group, group_channels).
 """
 import importlib
+import json
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -49,6 +51,32 @@ def not_loaded_reason(device_type: str) -> str:
     names = ("_dcnv3_cpu_avx2", "_dcnv3_cpu") if device_type == "cpu" else (f"_dcnv3_{device_type}",)
     causes = "; ".join(f"{name}: {LOAD_ERRORS[name]}" for name in names if name in LOAD_ERRORS) or "no extension"
     return f"the DCNv3 {device_type} kernel did not load ({causes}); {BUILD_HINT}"
+
+
+CUDA_BUILD_RECORD = "_dcnv3_cuda_build.json"  # setup.py writes it beside the CUDA kernel: the arch list it was built for
+
+
+def built_arch_list(extension: ModuleType) -> str | None:
+    """The TORCH_CUDA_ARCH_LIST the CUDA kernel was compiled for, as its build recorded it; None: not recorded."""
+    try:
+        return json.loads(Path(extension.__file__).with_name(CUDA_BUILD_RECORD).read_text())["arch_list"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def kernels_line() -> str:
+    """Which DCNv3 kernel each device type runs: the extension loaded (the CUDA one with its arch list), or why none."""
+    return "DCNv3 kernels: " + "; ".join(_described(device_type, ext) for device_type, ext in EXTENSIONS.items())
+
+
+def _described(device_type: str, extension: ModuleType | None) -> str:
+    if extension is None:
+        return f"{device_type}: {not_loaded_reason(device_type)}"
+    name = extension.__name__.rsplit(".", 1)[-1]
+    if device_type != "cuda":
+        return f"{device_type}: {name}"
+    arch_list = built_arch_list(extension) or "an unrecorded arch list (built before setup.py recorded it)"
+    return f"cuda: {name} built for {arch_list}"
 
 
 def _extension(device: torch.device) -> ModuleType:
