@@ -38,7 +38,9 @@ def test_default_arch_list_builds_ptx_for_the_newest_arch(setup_script, monkeypa
     flags = _get_cuda_arch_flags()
     native = sorted(flag.rsplit("sm_", 1)[1] for flag in flags if "code=sm_" in flag)
     assert native == ["80", "90"]
-    assert [flag for flag in flags if "code=compute_" in flag] == [f"-gencode=arch=compute_{native[-1]},code=compute_{native[-1]}"]
+    newest = native[-1]
+    ptx = [flag for flag in flags if "code=compute_" in flag]
+    assert ptx == [f"-gencode=arch=compute_{newest},code=compute_{newest}"]
 
 
 def test_the_build_records_the_arch_list_where_the_start_up_line_reads_it(setup_script, monkeypatch, tmp_path):
@@ -48,12 +50,13 @@ def test_the_build_records_the_arch_list_where_the_start_up_line_reads_it(setup_
 
     monkeypatch.setattr(build_ext, "run", lambda self: None)  # the compilation itself, minutes of nvcc
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0;10.0+PTX")
-    command = setup_script.build_ext_command()(Distribution({"ext_modules": [Extension(setup_script.CUDA_EXTENSION, [])]}))
+    extension = Extension(setup_script.CUDA_EXTENSION, [])
+    command = setup_script.build_ext_command()(Distribution({"ext_modules": [extension]}))
     command.build_lib = str(tmp_path)
     command.ensure_finalized()
     (tmp_path / "pretrain").mkdir()
     command.run()
-    kernel = SimpleNamespace(__name__=setup_script.CUDA_EXTENSION, __file__=command.get_ext_fullpath(setup_script.CUDA_EXTENSION))
+    kernel = SimpleNamespace(__name__=extension.name, __file__=command.get_ext_fullpath(extension.name))
     assert kernels.built_arch_list(kernel) == "9.0;10.0+PTX"
     monkeypatch.setitem(kernels.EXTENSIONS, "cuda", kernel)
     assert "cuda: _dcnv3_cuda built for 9.0;10.0+PTX" in kernels.kernels_line()

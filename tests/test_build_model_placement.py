@@ -8,6 +8,8 @@ import deepspeed
 import torch
 import torch.nn as nn
 
+from conftest import CONFIG
+from pretrain.config import load_stage_config
 from pretrain.engine.trainer import build_model
 
 
@@ -20,7 +22,7 @@ class TowerWithMask(nn.Module):
 
 def test_buffers_built_outside_zero_init_reach_the_device(monkeypatch):
     monkeypatch.setattr(deepspeed.zero, "Init", lambda **kwargs: nullcontext())
-    cfg = SimpleNamespace(zero=SimpleNamespace(stage=3), batch_size=2, precision="bf16")
+    cfg = load_stage_config(CONFIG, ["precision=bf16"])
     task = SimpleNamespace(build=lambda zero_init: TowerWithMask())
     model = build_model(task, cfg, torch.bfloat16, torch.device("meta"))
     assert model.attn_mask.device.type == "meta"

@@ -68,12 +68,23 @@ def scheduler_factory(cfg: StageConfig, base_lr: float):
         optimizer, lambda step: warmup_cosine(step, cfg.optim.warmup_steps, cfg.max_steps, floor))
 
 
+def zero_optimization(cfg: StageConfig, on_gpu: bool) -> dict:
+    """DeepSpeed's zero_optimization section; zero.Init reads it too (where the parameters live from the start)."""
+    zero = cfg.zero
+    section = {"stage": zero.stage, "stage3_gather_16bit_weights_on_model_save": False,
+               "reduce_bucket_size": zero.reduce_bucket_size,
+               "stage3_prefetch_bucket_size": zero.stage3_prefetch_bucket_size,
+               "stage3_max_live_parameters": zero.stage3_max_live_parameters,
+               "stage3_param_persistence_threshold": zero.stage3_param_persistence_threshold,
+               "sub_group_size": zero.sub_group_size}
+    if zero.offload_optimizer:
+        section["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if zero.offload_params:
+        section["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    return section
+
+
 def deepspeed_config(cfg: StageConfig, base_lr: float, on_gpu: bool, load_universal: bool) -> dict:
-    zero = {"stage": cfg.zero.stage, "stage3_gather_16bit_weights_on_model_save": False}
-    if cfg.zero.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
-    if cfg.zero.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
     return {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": cfg.optim.grad_accumulation,
@@ -86,7 +97,8 @@ def deepspeed_config(cfg: StageConfig, base_lr: float, on_gpu: bool, load_univer
         }},
         "bf16": {"enabled": cfg.precision == "bf16"},
         "fp16": {"enabled": cfg.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
-        "zero_optimization": zero,
+        "zero_optimization": zero_optimization(cfg, on_gpu),
+        "communication_data_type": cfg.zero.communication_data_type,
         "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,

@@ -21,7 +21,7 @@ from pretrain.engine.distributed import (World, abort, any_rank, init_distribute
                                          shutdown, sum_counts_over_ranks)
 from pretrain.engine.ema import PartitionedEMA, whole_ema
 from pretrain.engine.metrics import MetricsLogger, device_peak_tflops, peak_memory_per_rank, train_flops_per_sample
-from pretrain.engine.optim import deepspeed_config, param_groups, peak_lr, scheduler_factory
+from pretrain.engine.optim import deepspeed_config, param_groups, peak_lr, scheduler_factory, zero_optimization
 from pretrain.engine.precision import DTYPES
 from pretrain.engine.tasks import build_task
 from pretrain.engine.weights import load_backbone
@@ -58,7 +58,8 @@ def build_model(task, cfg: StageConfig, dtype: torch.dtype, device: torch.device
     if cfg.zero.stage != 3:
         return task.build(nullcontext())
     zero_init = deepspeed.zero.Init(config_dict_or_path={
-        "train_micro_batch_size_per_gpu": cfg.batch_size, "zero_optimization": {"stage": 3},
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "zero_optimization": zero_optimization(cfg, device.type == "cuda"),
         "bf16": {"enabled": cfg.precision == "bf16"}, "fp16": {"enabled": cfg.precision == "fp16"}})
     model = task.build(zero_init)
     for param in model.parameters():

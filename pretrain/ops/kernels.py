@@ -53,7 +53,7 @@ def not_loaded_reason(device_type: str) -> str:
     return f"the DCNv3 {device_type} kernel did not load ({causes}); {BUILD_HINT}"
 
 
-CUDA_BUILD_RECORD = "_dcnv3_cuda_build.json"  # setup.py writes it beside the CUDA kernel: the arch list it was built for
+CUDA_BUILD_RECORD = "_dcnv3_cuda_build.json"  # setup.py writes it beside the CUDA kernel: the arch list it is built for
 
 
 def built_arch_list(extension: ModuleType) -> str | None:
