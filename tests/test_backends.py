@@ -43,20 +43,25 @@ def test_default_arch_list_builds_ptx_for_the_newest_arch(setup_script, monkeypa
     assert ptx == [f"-gencode=arch=compute_{newest},code=compute_{newest}"]
 
 
-def test_the_build_records_the_arch_list_where_the_start_up_line_reads_it(setup_script, monkeypatch, tmp_path):
-    """The build command writes the arch list beside the CUDA kernel it built; kernels_line reports it from there."""
+@pytest.mark.parametrize("editable", [False, True])
+def test_the_build_records_the_arch_list_where_the_start_up_line_reads_it(setup_script, monkeypatch, tmp_path,
+                                                                          editable):
+    """The build command writes the arch list beside the CUDA kernel, wherever it lands: build/ for a wheel, the
+    source tree (here tmp_path) for `pip install -e .`; kernels_line reports it from there."""
     from setuptools import Distribution, Extension
     from setuptools.command.build_ext import build_ext
 
     monkeypatch.setattr(build_ext, "run", lambda self: None)  # the compilation itself, minutes of nvcc
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0;10.0+PTX")
-    extension = Extension(setup_script.CUDA_EXTENSION, [])
-    command = setup_script.build_ext_command()(Distribution({"ext_modules": [extension]}))
-    command.build_lib = str(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    kernel_dir = tmp_path / ("pretrain" if editable else "build/pretrain")
+    kernel_dir.mkdir(parents=True)
+    command = setup_script.build_ext_command()(Distribution({"ext_modules": [Extension(setup_script.CUDA_EXTENSION,
+                                                                                       [])]}))
+    command.build_lib, command.editable_mode = str(tmp_path / "build"), editable
     command.ensure_finalized()
-    (tmp_path / "pretrain").mkdir()
     command.run()
-    kernel = SimpleNamespace(__name__=extension.name, __file__=command.get_ext_fullpath(extension.name))
+    kernel = SimpleNamespace(__name__=setup_script.CUDA_EXTENSION, __file__=str(kernel_dir / "_dcnv3_cuda.so"))
     assert kernels.built_arch_list(kernel) == "9.0;10.0+PTX"
     monkeypatch.setitem(kernels.EXTENSIONS, "cuda", kernel)
     assert "cuda: _dcnv3_cuda built for 9.0;10.0+PTX" in kernels.kernels_line()
