@@ -92,6 +92,21 @@ def test_true_epochs_read_every_sample_once_per_epoch_over_ranks_and_workers(une
     assert per_rank[0][:15] != per_rank[0][15:]  # each epoch in its own order
 
 
+def test_the_workers_run_on_into_the_next_epoch_never_restarted(uneven_shards, monkeypatch):
+    """One DataLoader iterator for the whole run, its workers rolling over into each next epoch themselves: what
+    persistent_workers gives a loader that is iterated anew every epoch, here by construction."""
+    from torch.utils.data import DataLoader
+
+    iterators = []
+    start = DataLoader.__iter__
+    monkeypatch.setattr(DataLoader, "__iter__", lambda self: iterators.append(start(self)) or iterators[-1])
+    loader = build_train_loader(classification_cfg(uneven_shards, resampled=False, workers=2, shuffle_buffer=4),
+                                rank=0, world_size=2, batch_size=3, seed=1)
+    assert len(labels(itertools.islice(loader, 3 * loader.steps_per_epoch + 1))) == 48
+    assert loader.epoch == 3 and len(iterators) == 1
+    assert all(worker.is_alive() for worker in iterators[0]._workers)
+
+
 def test_evaluation_reads_each_val_sample_on_one_rank_only(uneven_shards, raw_reads):
     cfg = classification_cfg(uneven_shards, workers=0)
     seen, reads = [], []
