@@ -28,8 +28,9 @@ class ImageTextModel(nn.Module):
         return F.normalize(self.text(tokens), dim=-1)
 
     def forward(self, image, tokens):
-        # CLIP clamps the temperature so logits stay below 100.
-        return self.encode_image(image), self.encode_text(tokens), self.logit_scale.clamp(max=math.log(100)).exp()
+        # CLIP clamps the temperature so logits stay below 100; exponentiated in fp32, where the loss uses it.
+        scale = self.logit_scale.float().clamp(max=math.log(100)).exp()
+        return self.encode_image(image), self.encode_text(tokens), scale
 
 
 class ImageTextTask(Task):
