@@ -2,6 +2,8 @@
 its `shape` is an empty placeholder (the full one is `ds_shape`), and writing it needs it gathered whole first."""
 import contextlib
 
+import torch
+
 
 def is_partitioned(param) -> bool:
     return hasattr(param, "ds_id")
@@ -20,3 +22,20 @@ def gathered_for_writing(params: list) -> contextlib.AbstractContextManager:
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0)
+
+
+def set_fp32_master(param, value: torch.Tensor):
+    """Write `value` as it is into the optimizer's fp32 master of `param`, where deepspeed.initialize made one (ZeRO,
+    the bf16 optimizer); nothing to do for a parameter that is its own master. Under ZeRO-3 each rank writes its own
+    partition: DeepSpeed's safe_set_full_fp32_param cuts the last rank's short where the partitions are padded."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
+
+    if not is_partitioned(param):
+        safe_set_full_fp32_param(param, value)
+        return
+    import torch.distributed as dist
+
+    size = param.partition_numel()
+    start = size * dist.get_rank(group=param.ds_process_group)
+    part = value.detach().flatten()[start:start + size]  # past the end: padding
+    safe_set_local_fp32_param(param, torch.nn.functional.pad(part, (0, size - part.numel())))

@@ -99,7 +99,8 @@ DELIBERATE = {  # (stage or "*", hyper-parameter): why ours differs
     ("*", "colour jitter"): "the release sets 0.4, but timm's create_transform, which builds its training transform, "
                             "leaves colour jitter out whenever RandAugment is on; ours has none: the same transform",
     ("*", "precision"): "bf16 halves the activation memory and runs at the bf16 tensor-core rate; master weights and "
-                        "Adam states stay fp32 (DeepSpeed). The release ran fp32 (AMP O0)",
+                        "Adam states stay fp32 (DeepSpeed), and a pretrained backbone is loaded into the masters as "
+                        "its file holds it. The release ran fp32 (AMP O0)",
     ("*", "ZeRO stage"): "every stage here runs under ZeRO-3 (models built inside zero.Init, no rank ever holds a "
                          "whole model); the optimiser's arithmetic is the same as under the release's ZeRO-1 or DDP",
     ("internimage_h/in22k_384", "epochs"): "IN-22K, not IN-1K: the release published no config for this stage, "

@@ -24,7 +24,7 @@ from pretrain.engine.metrics import MetricsLogger, device_peak_tflops, peak_memo
 from pretrain.engine.optim import deepspeed_config, param_groups, peak_lr, scheduler_factory, zero_optimization
 from pretrain.engine.precision import DTYPES
 from pretrain.engine.tasks import build_task
-from pretrain.engine.weights import load_backbone
+from pretrain.engine.weights import load_backbone, load_fp32_masters, read_state_dict
 from pretrain.fileio import atomic_write_json
 from pretrain.progress import Progress
 from pretrain.zero3 import is_partitioned
@@ -99,14 +99,18 @@ class Trainer:
 
         seed_everything(cfg.seed)  # identical initial weights on every rank
         model = build_model(self.task, cfg, self.dtype, world.device)
-        if cfg.model.pretrained and tag is None:
-            load_backbone(self.task.backbone(model), cfg.model.pretrained)
+        pretrained = read_state_dict(cfg.model.pretrained) if cfg.model.pretrained and tag is None else None
+        if pretrained is not None:
+            load_backbone(self.task.backbone(model), pretrained, cfg.model.pretrained)
 
         base_lr = peak_lr(cfg, world.size)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg, base_lr),
             config=deepspeed_config(cfg, base_lr, world.device.type == "cuda", universal),
             lr_scheduler=scheduler_factory(cfg, base_lr))
+        if pretrained is not None:
+            load_fp32_masters(self.task.backbone(self.engine.module), pretrained)
+            del pretrained  # the whole backbone in host memory on every rank, no longer needed
         if world.is_main:
             print(f"[rank 0] {startup_line(world.device, self.engine.basic_optimizer, cfg.precision)}",
                   file=sys.stderr, flush=True)
@@ -200,6 +204,10 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.detach())  # a tensor: reading it would wait for the device, and is left to log steps
+        if not self.engine.was_step_applied():
+            # DeepSpeed skipped the update (an fp16 overflow, or any non-finite gradient norm) and with it the lr
+            # schedule's step, while this step still counts towards max_steps: the schedule is kept at self.step.
+            self.scheduler.step()
         if self.ema is not None:
             self.ema.update()
         return {"loss": torch.stack(losses).mean(), "skipped": skipped, "samples": len(losses) * self.cfg.batch_size,

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from pretrain.engine import safe_loading
-from pretrain.zero3 import gathered_for_writing
+from pretrain.zero3 import gathered_for_writing, set_fp32_master
 
 CLASSIFIER_PREFIX = "head."
 
@@ -22,16 +22,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state.get("model", state)
 
 
-def load_backbone(model: nn.Module, path: str | Path) -> list[str]:
-    """Copy a backbone's weights into `model` (a fresh InternImage), one tensor at a time so a ZeRO-3 partitioned model
-    is never gathered whole. Every backbone key must exist in the model; returns the model keys left untouched
-    (the new classifier)."""
-    state = read_state_dict(path)
+def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> list[str]:
+    """Copy a backbone's weights (`state`, read from `source`) into `model` (a fresh InternImage), one tensor at a time
+    so a ZeRO-3 partitioned model is never gathered whole. Every backbone key must exist in the model; returns the
+    model keys left untouched (the new classifier). The parameters hold the weights in the run's precision: after
+    deepspeed.initialize, `load_fp32_masters` puts them into the optimizer's fp32 masters as they are."""
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     unknown = sorted(set(state) - set(params) - set(buffers))
     if unknown:
-        raise KeyError(f"{path}: {len(unknown)} keys do not belong to this model, e.g. {unknown[:5]}")
+        raise KeyError(f"{source}: {len(unknown)} keys do not belong to this model, e.g. {unknown[:5]}")
     for name, tensor in state.items():
         if name in buffers:
             buffers[name].copy_(tensor)
@@ -43,6 +43,16 @@ def load_backbone(model: nn.Module, path: str | Path) -> list[str]:
 def _copy_into_param(param: nn.Parameter, tensor: torch.Tensor):
     with gathered_for_writing([param]), torch.no_grad():
         param.copy_(tensor)
+
+
+def load_fp32_masters(model: nn.Module, state: dict[str, torch.Tensor]):
+    """The backbone's weights into the fp32 masters deepspeed.initialize made from `model`'s parameters, which
+    `load_backbone` had filled in bf16 or fp16: without this every stage hand-off would round the weights through the
+    run's precision. (DeepSpeed's fp16 optimizer without ZeRO exposes no masters and keeps the rounded copy.)"""
+    params = dict(model.named_parameters())
+    for name, tensor in state.items():
+        if name in params:
+            set_fp32_master(params[name], tensor)
 
 
 def backbone_from_full(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
