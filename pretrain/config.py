@@ -6,7 +6,7 @@ what needs them, the model's name and the image side its head takes, is checked 
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -158,6 +158,10 @@ class ZeroConfig:
     communication_data_type: Literal["fp32", "bf16", "fp16"] = "fp32"
     """The dtype gradients are reduce-scattered in. fp32: summed in bf16 across 128 ranks, each partial sum would be
     rounded to 8 bits of mantissa; the fp32 bucket costs twice the bytes on the wire."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Any other key of DeepSpeed's zero_optimization section, passed on as written (overlap_comm,
+    stage3_max_reuse_distance, ...) and checked by DeepSpeed's own DeepSpeedZeroConfig before any rank starts. A key
+    this section sets itself is refused: set it by its name here."""
 
     def __post_init__(self):
         if self.offload_params and self.stage != 3:

@@ -11,6 +11,7 @@ from deepspeed.runtime.config import DeepSpeedConfig
 
 from conftest import CONFIG, REPO
 from pretrain.config import load_stage_config
+from pretrain.engine.config_checks import check_config
 from pretrain.engine.optim import deepspeed_config
 from pretrain.engine.trainer import build_model
 from pretrain.typed_config import ConfigError
@@ -58,3 +59,20 @@ def test_offload_params_reaches_zero_init(monkeypatch):
     build_model(SimpleNamespace(build=lambda zero_init: torch.nn.Linear(2, 2)), cfg, torch.float32, torch.device("cpu"))
     offload = DeepSpeedConfig(given).zero_config.offload_param
     assert offload is not None and (offload.device, offload.pin_memory) == ("cpu", False)
+
+
+def test_extra_keys_reach_deepspeed_as_written():
+    cfg = check_config(CONFIG, ["zero.extra={overlap_comm: false, stage3_max_reuse_distance: 5}"])
+    zero = parsed(cfg).zero_config
+    assert (zero.overlap_comm, zero.max_reuse_distance, zero.sub_group_size) == (False, 5, 1e8)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("{overlap_comms: true}", "zero: DeepSpeed refuses its zero_optimization section: overlap_comms: Extra inputs are "
+                              "not permitted"),
+    ("{overlap_comm: maybe}", "overlap_comm: Input should be a valid boolean"),
+    ("{sub_group_size: 5}", r"zero.extra: \['sub_group_size'\] set by the zero: section itself"),
+])
+def test_a_bad_extra_key_is_one_line_before_any_rank(extra, message):
+    with pytest.raises(ConfigError, match=message):
+        check_config(CONFIG, [f"zero.extra={extra}"])

@@ -19,6 +19,21 @@ def check_model(cfg: StageConfig) -> None:
                           f"{cfg.model.name} (its head fuses the stride-16 and stride-32 maps)")
 
 
+def check_zero(cfg: StageConfig) -> None:
+    """The zero_optimization section the engine will get, zero.extra included, read by DeepSpeed's own config class:
+    a misspelt or ill-typed key is one line here, not a traceback from every rank."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    from pretrain.engine.optim import zero_optimization
+
+    try:
+        DeepSpeedZeroConfig(**zero_optimization(cfg, on_gpu=False))
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise ConfigError(f"zero: DeepSpeed refuses its zero_optimization section: {problems}") from None
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> StageConfig:
     cfg = load_stage_config(path, overrides)
     check_model(cfg)
@@ -26,4 +41,6 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> StageConfig:
 
 
 def check_config(path: str | Path, overrides: list[str] = (), pretrained_by_schedule: bool = False) -> StageConfig:
-    return check_files(load_config(path, overrides), pretrained_by_schedule)
+    cfg = load_config(path, overrides)
+    check_zero(cfg)
+    return check_files(cfg, pretrained_by_schedule)

@@ -81,7 +81,10 @@ def zero_optimization(cfg: StageConfig, on_gpu: bool) -> dict:
         section["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if zero.offload_params:
         section["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
-    return section
+    taken = sorted(set(zero.extra) & (set(section) | {"offload_param", "offload_optimizer"}))
+    if taken:
+        raise ConfigError(f"zero.extra: {taken} set by the zero: section itself; set them there by name")
+    return {**zero.extra, **section}
 
 
 def deepspeed_config(cfg: StageConfig, base_lr: float, on_gpu: bool, load_universal: bool) -> dict:
