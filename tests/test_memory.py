@@ -6,7 +6,7 @@ import pytest
 
 from conftest import REPO
 from pretrain.config import load_stage_config
-from pretrain.engine.memory import GIB, estimate, model_state_bytes
+from pretrain.engine.memory import GIB, estimate, gradient_bucket_bytes, model_state_bytes
 
 B_224 = ["task=classification", "num_classes=1000", "model.name=internimage_b", "model.args={}", "data.image_size=224", "batch_size=8", "precision=bf16",
          "data.demo_root=null", "data.train=[{shards: /x/000.tar}]"]
@@ -19,6 +19,17 @@ def test_zero_stages_partition_what_the_zero_paper_says():
     assert model_state_bytes(n, layer, "bf16", 2, devices) == (2 * n, 2 * n / 8, 12 * n / 8, 0)
     assert model_state_bytes(n, layer, "bf16", 3, devices) == (2 * n / 8, 2 * n / 8, 12 * n / 8, 4 * layer)
     assert model_state_bytes(n, layer, "fp32", 3, devices)[:3] == (4 * n / 8, 4 * n / 8, 8 * n / 8)
+
+
+@pytest.mark.parametrize("dtype, element", [("fp32", 4), ("bf16", 2)])
+def test_zero3_counts_its_gradient_bucket_in_the_communication_dtype(dtype, element):
+    cfg = load_stage_config(REPO / "configs/demo/finetune.yaml", B_224 + ["zero.reduce_bucket_size=1000000",
+                                                                           f"zero.communication_data_type={dtype}"])
+    assert gradient_bucket_bytes(cfg) == element * 1_000_000
+    result = estimate(cfg, devices=8)
+    assert result.gradient_bucket == element * 1_000_000
+    assert result.total(False) == pytest.approx(result.parameters + result.gradients + result.optimizer +
+                                                result.gathered_layer + result.gradient_bucket + result.activations)
 
 
 def test_activation_checkpointing_cuts_internimage_b_activations_by_more_than_3x():

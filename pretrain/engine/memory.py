@@ -4,8 +4,9 @@ stage and precision, plus activations with and without per-layer checkpointing.
 States follow the ZeRO paper's accounting (Rajbhandari et al. 2020) with Adam: mixed precision keeps 16-bit weights and
 gradients plus fp32 master weights, momentum and variance (2 + 2 + 12 bytes per parameter); fp32 training keeps
 4 + 4 + 8. ZeRO-1 partitions the optimizer states, ZeRO-2 also the gradients, ZeRO-3 also the weights (which are then
-gathered one layer at a time). Activations are measured, not modelled: one forward pass on the meta device records
-the bytes of every tensor autograd saves for the backward pass, attributed to the InternImage layer that saved it.
+gathered one layer at a time) and holds a gradient bucket of zero.reduce_bucket_size elements. Activations are
+measured, not modelled: one forward pass on the meta device records the bytes of every tensor autograd saves for the
+backward pass, attributed to the InternImage layer that saved it.
 """
 import dataclasses
 from dataclasses import dataclass
@@ -23,16 +24,18 @@ class MemoryEstimate:
     gradients: float
     optimizer: float
     gathered_layer: float  # ZeRO-3: the largest layer's full weights while it runs
+    gradient_bucket: float  # ZeRO-3: DeepSpeed's contiguous gradient buffer, zero.reduce_bucket_size elements
     activations: float
     activations_checkpointed: float
     devices: int
 
     def total(self, checkpointing: bool) -> float:
-        states = self.parameters + self.gradients + self.optimizer + self.gathered_layer
+        states = self.parameters + self.gradients + self.optimizer + self.gathered_layer + self.gradient_bucket
         return states + (self.activations_checkpointed if checkpointing else self.activations)
 
     def as_gib(self) -> dict:
-        fields = ("parameters", "gradients", "optimizer", "gathered_layer", "activations", "activations_checkpointed")
+        fields = ("parameters", "gradients", "optimizer", "gathered_layer", "gradient_bucket", "activations",
+                  "activations_checkpointed")
         report = {f: round(getattr(self, f) / GIB, 3) for f in fields}
         report["total_with_checkpointing"] = round(self.total(True) / GIB, 3)
         report["total_without_checkpointing"] = round(self.total(False) / GIB, 3)
@@ -47,6 +50,13 @@ def model_state_bytes(n_params: int, largest_layer: int, precision: str, zero_st
     optimizer = 0.0 if offload_optimizer else n_params * optim / (devices if zero_stage >= 1 else 1)
     gathered = 2 * largest_layer * weight if zero_stage >= 3 else 0.0  # current layer + the prefetched next one
     return params, grads, optimizer, gathered
+
+
+def gradient_bucket_bytes(cfg: StageConfig) -> float:
+    """ZeRO-3 keeps one buffer of zero.reduce_bucket_size elements in zero.communication_data_type for the whole run
+    (DeepSpeed's contiguous_gradients, on by default), gradients copied into it to be reduce-scattered together."""
+    element = {"fp32": 4, "bf16": 2, "fp16": 2}[cfg.zero.communication_data_type]
+    return float(cfg.zero.reduce_bucket_size * element) if cfg.zero.stage == 3 else 0.0
 
 
 def activation_bytes(model: torch.nn.Module, inputs: tuple, layer_type: type) -> tuple[float, float]:
@@ -106,4 +116,4 @@ def estimate(cfg: StageConfig, devices: int) -> MemoryEstimate:
     n_params = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters()) for m in model.modules() if isinstance(m, InternImageLayer))
     states = model_state_bytes(n_params, largest, cfg.precision, cfg.zero.stage, devices, cfg.zero.offload_optimizer)
-    return MemoryEstimate(*states, full * scale, checkpointed * scale, devices)
+    return MemoryEstimate(*states, gradient_bucket_bytes(cfg), full * scale, checkpointed * scale, devices)
