@@ -4,6 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
+# The venv's bin first, as an activated venv has it: torch builds DeepSpeed's JIT ops with the first `ninja` on PATH,
+# and ninja 1.13 (the pinned one) and 1.11 (Debian's) hash their build logs differently, so a cache built by one is
+# rebuilt from scratch by the other (~40 s a process on 2 cores, every time the two alternate).
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: test demo venv clean gpu-check
 

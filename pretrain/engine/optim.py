@@ -87,6 +87,17 @@ def zero_optimization(cfg: StageConfig, on_gpu: bool) -> dict:
     return {**zero.extra, **section}
 
 
+def adamw_kind(offloaded: bool) -> dict:
+    """Which AdamW does the step. On the devices, torch's fused AdamW: its kernels ship in the torch wheel, where
+    DeepSpeed's FusedAdam is compiled with nvcc at the first step on every node (a compiler on each compute node, all
+    nodes building into one cache at once). Both are one multi-tensor kernel over the partition, so the device step
+    should cost the same; `tools/bench_optimizer.py --device cuda` measures it (with apex's FusedAdam where
+    installed) when a GPU is at hand. On the CPU, fused is 5x torch's unfused AdamW (docs/benchmarks.md).
+    Offloaded, DeepSpeed's CPU Adam steps the host copy: 1.6x faster than torch's fused on the CPU, at the cost of
+    one C++ (not CUDA) build per node cache at the first run."""
+    return {} if offloaded else {"torch_adam": True, "fused": True}
+
+
 def deepspeed_config(cfg: StageConfig, base_lr: float, on_gpu: bool, load_universal: bool) -> dict:
     return {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
@@ -94,9 +105,7 @@ def deepspeed_config(cfg: StageConfig, base_lr: float, on_gpu: bool, load_univer
         "gradient_clipping": cfg.optim.grad_clip or 0.0,
         "optimizer": {"type": "AdamW", "params": {
             "lr": base_lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
-            "weight_decay": cfg.optim.weight_decay,
-            # DeepSpeed's fused Adam is a CUDA kernel; on the CPU accelerator torch's AdamW does the step.
-            "torch_adam": not on_gpu and not cfg.zero.offload_optimizer,
+            "weight_decay": cfg.optim.weight_decay, **adamw_kind(cfg.zero.offload_optimizer),
         }},
         "bf16": {"enabled": cfg.precision == "bf16"},
         "fp16": {"enabled": cfg.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
