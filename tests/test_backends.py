@@ -101,5 +101,5 @@ def test_a_run_prints_the_start_up_line(tmp_path):
                           text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(line for line in proc.stderr.splitlines() if line.startswith("[rank 0] DCNv3 kernels: "))
-    assert line == (f"[rank 0] {kernels.kernels_line()} | GPU: none (cpu) | optimizer: torch.optim.adamw.AdamW | "
+    assert line == (f"[rank 0] {kernels.kernels_line()} | GPU: none (cpu) | optimizer: torch.optim.adamw.AdamW (fused=True) | "
                     "precision: fp32, TF32 matmul off, cudnn TF32 off, cudnn.benchmark on")
