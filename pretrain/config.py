@@ -73,6 +73,9 @@ class ModelConfig:
     """A consolidated backbone (.safetensors or .pth with the release's key names) to start from."""
     activation_checkpointing: bool = False
     """Recompute each InternImage layer in the backward pass (per-layer torch.utils.checkpoint)."""
+    compile: bool = False
+    """Run each InternImage layer under torch.compile (inductor), DCNv3 kept as its one custom op; ZeRO-3 then gathers
+    a layer's parameters as a whole (pretrain/engine/compiled.py). The first steps pay the compilation."""
 
     def arguments(self) -> dict:
         """create_model's keyword arguments: the ones the config sets."""

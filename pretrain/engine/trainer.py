@@ -16,6 +16,7 @@ from pretrain.data.stats import NOT_SKIPS, skipped_total
 from pretrain.engine import preemption
 from pretrain.engine.backends import apply_cuda_settings, startup_line
 from pretrain.engine.checkpoint import CheckpointManager, convert_for_resume
+from pretrain.engine.compiled import compile_layers
 from pretrain.engine.config_checks import load_config
 from pretrain.engine.distributed import (World, abort, any_rank, init_distributed, mean_over_ranks, seed_everything,
                                          shutdown, sum_counts_over_ranks)
@@ -99,6 +100,8 @@ class Trainer:
 
         seed_everything(cfg.seed)  # identical initial weights on every rank
         model = build_model(self.task, cfg, self.dtype, world.device)
+        if cfg.model.compile:
+            compile_layers(self.task.backbone(model))
         pretrained = read_state_dict(cfg.model.pretrained) if cfg.model.pretrained and tag is None else None
         if pretrained is not None:
             load_backbone(self.task.backbone(model), pretrained, cfg.model.pretrained)
