@@ -255,7 +255,9 @@ class Trainer:
                                    batch_size=self.cfg.batch_size)
         self.engine.eval()
         try:
-            with self.ema.swapped_in() if (self.ema and self.cfg.eval.ema) else nullcontext():
+            # Compiled layers run eagerly here: each evaluation's last, partial batch is a new shape to compile for.
+            with self.ema.swapped_in() if (self.ema and self.cfg.eval.ema) else nullcontext(), \
+                    torch.compiler.set_stance("force_eager"):
                 return self.task.evaluate(self.engine.module, loader, self.dtype)
         finally:
             self.engine.train()
