@@ -4,7 +4,7 @@ CPU Adam (the optimizer ZeRO-Offload uses by default, a C++ op DeepSpeed compile
 
 ZeRO-3 steps each rank's flat fp32 partition in sub-groups (zero.sub_group_size elements), so the benchmark steps
 flat fp32 tensors of that size holding --params elements in all: InternImage-H's 1.08e9 over 64 ranks is ~1.7e7 a
-rank. Prints ms per step (median of --repeats after a warm-up step) and the result as JSON.
+rank. Prints ms per step (median of --repeats after a warm-up step); --json writes the result to a file.
 
     python tools/bench_optimizer.py --params 2e7 --sub-group 1e7            # CPU: what ZeRO-Offload steps
     python tools/bench_optimizer.py --params 1.7e7 --sub-group 1e8 --device cuda
@@ -66,6 +66,7 @@ def main():
     parser.add_argument("--sub-group", type=float, default=1e7, help="elements per tensor (zero.sub_group_size)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", help="where to write the result")
     args = parser.parse_args()
     results = {"params": int(args.params), "sub_group": int(args.sub_group), "device": args.device,
                "threads": torch.get_num_threads(), "ms_per_step": {}}
@@ -78,7 +79,9 @@ def main():
         print(f"{name:24s} {statistics.median(times):9.1f} ms/step (runs {', '.join(f'{t:.1f}' for t in times)}; "
               f"built in {built_s:.1f} s)")
         del optimizer
-    print(json.dumps(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f)
 
 
 if __name__ == "__main__":
