@@ -2,10 +2,10 @@
 from the config a production stage gives it on a GPU, so no node compiles DeepSpeed's FusedAdam at the first step;
 DeepSpeed's CPU Adam only where the optimizer is offloaded to the host."""
 import json
+import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import REPO
@@ -30,12 +30,12 @@ def test_an_offloaded_optimizer_is_deepspeeds_cpu_adam():
 
 
 def _rank(rank: int, port: int, out: str):
-    import os
-
     import deepspeed
 
+    from pretrain.engine.distributed import init_distributed, shutdown
+
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    init_distributed(timeout_s=60)  # a rank stuck in a collective fails the test instead of hanging it
     cfg = load_stage_config(H_STAGE, ["precision=fp32", "batch_size=4", "optim.grad_accumulation=1"])
     config = deepspeed_config(cfg, 1e-2, True, False)
     torch.manual_seed(0)
@@ -59,7 +59,7 @@ def _rank(rank: int, port: int, out: str):
     json.dump({"optimizer": type(engine.basic_optimizer).__qualname__,
                "fused": engine.basic_optimizer.defaults.get("fused"), "difference": difference, "moved": moved},
               open(out, "w"))
-    dist.destroy_process_group()
+    shutdown()
 
 
 def test_deepspeed_builds_the_fused_adamw_and_it_steps_as_torchs_adamw(tmp_path):
