@@ -21,6 +21,8 @@ $(STAMP): setup.py requirements.txt $(wildcard csrc/dcnv3/*)
 	$(PY) -m pip install -q -r requirements.txt
 	@echo "==> compiling the DCNv3 extensions (CPU, and CUDA wherever nvcc is found)"
 	$(PY) -m pip install -q --no-build-isolation -e .
+	@echo "==> building DeepSpeed's start-up op for this machine's accelerator (CPU: its shared-memory comm op)"
+	$(PY) tools/build_deepspeed_ops.py
 	touch $(STAMP)
 
 test: $(STAMP)
