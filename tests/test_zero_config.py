@@ -72,6 +72,8 @@ def test_extra_keys_reach_deepspeed_as_written():
                               "not permitted"),
     ("{overlap_comm: maybe}", "overlap_comm: Input should be a valid boolean"),
     ("{sub_group_size: 5}", r"zero.extra: \['sub_group_size'\] set by the zero: section itself"),
+    ("{prefetch_bucket_size: 5}", r"zero.extra: \['prefetch_bucket_size'\] are DeepSpeed's other names for "
+                                  r"\['stage3_prefetch_bucket_size'\], which the zero: section sets itself"),
 ])
 def test_a_bad_extra_key_is_one_line_before_any_rank(extra, message):
     with pytest.raises(ConfigError, match=message):

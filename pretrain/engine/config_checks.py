@@ -27,8 +27,17 @@ def check_zero(cfg: StageConfig) -> None:
 
     from pretrain.engine.optim import zero_optimization
 
+    section = zero_optimization(cfg, on_gpu=False)
+    # DeepSpeed takes many keys under two names (max_live_parameters, stage3_max_live_parameters); one the section
+    # sets, given again in extra under its other name, would only be "Extra inputs are not permitted" from pydantic
+    other_name = {field.alias: name for name, field in DeepSpeedZeroConfig.model_fields.items() if field.alias}
+    other_name |= {name: alias for alias, name in other_name.items()}
+    twice = sorted(key for key in cfg.zero.extra if other_name.get(key) in section)
+    if twice:
+        raise ConfigError(f"zero.extra: {twice} are DeepSpeed's other names for {[other_name[k] for k in twice]}, "
+                          "which the zero: section sets itself; set them there by that name")
     try:
-        DeepSpeedZeroConfig(**zero_optimization(cfg, on_gpu=False))
+        DeepSpeedZeroConfig(**section)
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         raise ConfigError(f"zero: DeepSpeed refuses its zero_optimization section: {problems}") from None
