@@ -14,7 +14,8 @@ DEMO_ARGS = dict(channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8], level2_p
                  drop_path_rate=0.0)  # configs/demo/pretrain.yaml's model
 # Every parameter partitioned (the demo's are all under the default threshold, which would keep them whole on every
 # rank): the compiled layers then run on what ZeRO-3 gathers.
-STAGE = [*FAST, "max_steps=4", "zero.stage3_param_persistence_threshold=0", "checkpoint.every=100"]
+STAGE = [*FAST, "max_steps=4", "zero.stage3_param_persistence_threshold=0", "checkpoint.every=100",
+         "model.activation_checkpointing=true"]  # as the H and G stages run
 
 
 def demo_layer() -> InternImageLayer:
@@ -50,6 +51,25 @@ def test_a_layer_compiles_to_one_graph_with_dcnv3_one_op_each_way():
     assert custom_ops(forward) == ["pretrain.dcnv3.default"]  # not the reference's grid_sample decomposition
     assert "aten.grid_sampler_2d.default" not in {str(node.target) for node in forward.graph.nodes}
     assert custom_ops(backward) == ["pretrain.dcnv3_backward.default"]
+
+
+def test_a_compiled_layer_under_activation_checkpointing_recomputes_and_matches_eager():
+    """with_cp wraps the compiled body in torch.utils.checkpoint: the backward runs the compiled forward again, and
+    the gradients are eager's."""
+    eager, checkpointed = demo_layer(), demo_layer()
+    checkpointed.with_cp = True
+    calls = []
+    compiled = torch.compile(checkpointed._forward, dynamic=False)  # inductor, as model.compile uses it
+    checkpointed._forward = lambda x: calls.append(x.shape) or compiled(x)
+    x = torch.randn(2, 8, 8, 16)
+    grads = []
+    for layer in (eager, checkpointed):
+        xi = x.clone().requires_grad_()
+        layer(xi).square().sum().backward()
+        grads.append([xi.grad, *(p.grad for p in layer.parameters())])
+    assert len(calls) == 2  # the forward, and its recomputation in the backward
+    for want, got in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)  # inductor orders its sums its own way
 
 
 def test_compiled_zero3_run_matches_eager_losses(torchrun, tmp_path):
