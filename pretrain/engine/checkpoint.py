@@ -21,6 +21,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -92,23 +93,32 @@ def read_manifest(folder: Path) -> dict:
 
 def convert_to_universal(directory: Path, tag: str, world_size: int) -> None:
     """Convert `tag` into `tag`_universal in a process of its own (see universal.py). The conversion writes into a
-    staging folder renamed when complete: a finished conversion is kept, one killed part-way is redone."""
+    staging folder, renamed when complete: a finished conversion is kept; one that fails or is killed part-way leaves
+    the staging folder, from which the next attempt resumes (universal.py redoes only what is not marked done). The
+    staging folder of another checkpoint's conversion is removed first: only the newest is ever resumed."""
     universal = tag + UNIVERSAL_SUFFIX
     staging, target = directory / (STAGING + universal), directory / universal
-    shutil.rmtree(staging, ignore_errors=True)
+    for other in directory.glob(STAGING + "*" + UNIVERSAL_SUFFIX):
+        if other != staging:
+            shutil.rmtree(other, ignore_errors=True)
     converted = subprocess.run([sys.executable, "-m", "pretrain.engine.universal", "--input_folder",
                                 str(directory / tag), "--output_folder", str(staging)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if converted.returncode != 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        why = converted.stderr.strip().splitlines()[-1:] or [f"exit status {converted.returncode}"]
         raise RuntimeError(f"the universal conversion of {directory / tag} (saved on "
                            f"{read_manifest(directory / tag)['world_size']} ranks, resumed on {world_size}) failed: "
-                           f"{why[0]}")
+                           f"{conversion_failure(converted)}"
+                           + (f"; the next attempt resumes it from {staging}" if staging.is_dir() else ""))
     shutil.copy(directory / tag / MANIFEST, staging / MANIFEST)
     shutil.rmtree(target, ignore_errors=True)
     os.rename(staging, target)
     fsync_dir(directory)
+
+
+def conversion_failure(converted: subprocess.CompletedProcess) -> str:
+    if converted.returncode < 0:
+        return f"killed by {signal.Signals(-converted.returncode).name}"
+    return (converted.stderr.strip().splitlines()[-1:] or [f"exit status {converted.returncode}"])[0]
 
 
 def convert_for_resume(directory: str | Path, rank: int, world_size: int, poll_s: float = 1.0) -> None:
