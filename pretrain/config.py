@@ -253,14 +253,33 @@ class EvalConfig:
 
 @dataclass
 class DistributedConfig:
-    timeout_s: float = 1800.0
-    """How long a collective waits for a silent peer before the job ends, naming it; also the allowance of every phase
-    the launcher watches (see pretrain/progress.py). Sized for the slowest legitimate wait, the save of an
-    InternImage-G checkpoint: 3B parameters x 14 bytes (bf16 weights, fp32 master copy, two Adam moments) = 42 GB, about
-    7 minutes at the 100 MB/s a contended shared file system gives, and 4x that for a slower one."""
+    """How long each phase of a stage may last. A rank's collectives wait this long for a silent peer, and the local
+    launcher lets a rank go this long (plus a grace) without a heartbeat, before the job ends naming the rank that
+    stopped (pretrain/progress.py). The long phases have their own allowance, so that the steps, where a hang is most
+    likely, need not wait as long as a save."""
+
+    timeout_s: float = 600.0
+    """The allowance of a training step (and of the collectives between phases). A healthy step of G takes seconds;
+    its slowest healthy wait is the first batch after a resume, whose loader reads its shuffle buffer back (5,000
+    seeked samples per worker at ~4 ms, 20 s; docs/benchmarks.md). 600 s, NCCL's own default, is 30x that, and a hung
+    rank costs the job 10 minutes, not the 30 a save needs."""
+    checkpoint_timeout_s: float = 1800.0
+    """The allowance of a checkpoint's save, and of the start-up, which loads one. Sized for InternImage-G: 3B
+    parameters x 14 bytes (bf16 weights, fp32 master copy, two Adam moments) = 42 GB, about 7 minutes at the 100 MB/s a
+    contended shared file system gives, and 4x that for a slower one."""
+    eval_timeout_s: float = 1800.0
+    """The allowance of an evaluation, which beats once, on entry. Sized for a full ImageNet-1k val pass, 50,000 images,
+    on a single rank: decoding alone is 4.4 minutes at the ~190 samples/s one core gives (docs/benchmarks.md), and 4x
+    that for a loaded file system, beside the model's forward and, zero-shot, the class prompts' text tower."""
 
     def __post_init__(self):
-        _positive("distributed.", timeout_s=self.timeout_s)
+        _positive("distributed.", timeout_s=self.timeout_s, checkpoint_timeout_s=self.checkpoint_timeout_s,
+                  eval_timeout_s=self.eval_timeout_s)
+
+    def allowance_s(self, phase: str) -> float:
+        """How long `phase` (a name of pretrain/progress.py's, other than "convert") may last."""
+        return {"start": self.checkpoint_timeout_s, "step": self.timeout_s, "save": self.checkpoint_timeout_s,
+                "evaluate": self.eval_timeout_s}[phase]
 
 
 @dataclass

@@ -1,6 +1,7 @@
-"""Each rank's last sign of life, RUN_DIR/progress/rankNNNNN.json: the step and the phase it is in ("start", "step",
-"save", "evaluate"), when it entered it, and how long that phase may take (its allowance). Written by the rank at
-every step and at the start of every phase; read by the launcher, which ends a job whose rank has outlived its
+"""Each rank's last sign of life, RUN_DIR/progress/rankNNNNN.json: the step and the phase it is in ("convert", "start",
+"step", "save", "evaluate"), when it entered it, and how long that phase may take (its allowance: distributed.timeout_s
+for a step, the long phases their own, see pretrain/config.py's DistributedConfig). Written by the rank at every step
+and at the start of every phase; read by the launcher, which ends a job whose rank has outlived its
 phase's allowance and, whenever a job fails without a rank's own error, names the rank that stopped making progress.
 
 A heartbeat is a rename of a small file, without fsync: losing one to a crash costs nothing, and a step does not wait
@@ -35,13 +36,13 @@ class Beat:
 class Progress:
     """This rank's heartbeat writer."""
 
-    def __init__(self, run_dir: str | Path, rank: int, allowance_s: float):
-        self.folder, self.rank, self.allowance_s = Path(run_dir) / FOLDER, rank, allowance_s
+    def __init__(self, run_dir: str | Path, rank: int):
+        self.folder, self.rank = Path(run_dir) / FOLDER, rank
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / f"rank{rank:05d}.json"
 
-    def beat(self, step: int, phase: str):
-        beat = Beat(self.rank, socket.gethostname(), os.getpid(), step, phase, time.time(), self.allowance_s)
+    def beat(self, step: int, phase: str, allowance_s: float):
+        beat = Beat(self.rank, socket.gethostname(), os.getpid(), step, phase, time.time(), allowance_s)
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         try:
             tmp.write_text(json.dumps(asdict(beat)))

@@ -1,5 +1,6 @@
 """What a job leaves behind and whom it lets in, on the real engine (DeepSpeed ZeRO-3, 2 CPU ranks, the local
-launcher): a second job on a busy run directory refuses in one line while the first trains on; the launcher SIGKILLed
+launcher): a second job on a busy run directory refuses in one line while the first trains on; a save longer than a
+step's timeout lives on its own allowance, while a rank frozen in a step ends the job, named; the launcher SIGKILLed
 mid-run leaves no process of the job alive and the run directory still; a lock whose holder is gone is taken over.
 Every wait is guarded only against a hang."""
 import json
@@ -14,16 +15,19 @@ from pathlib import Path
 import psutil
 
 from conftest import CONFIG, FAST, REPO, TESTS, WORKERS, wait_for
+from fault_engine import OVERTIME_S
 from launch.run_lock import HOLDER_FILE, RunDirBusy, RunLock
+from pretrain import progress
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{TESTS}{os.pathsep}{REPO}", "PRETRAIN_FAULT": ""}
 
 
-def start(run_dir: Path, *overrides) -> subprocess.Popen:
+def start(run_dir: Path, *overrides, fault: str = "") -> subprocess.Popen:
     """`pretrain run` on 2 local ranks of the real engine (fault_engine records each rank's pid in RUN_DIR/pids)."""
     return subprocess.Popen([sys.executable, "-m", "launch", "run", CONFIG, "--launcher", "local", "--nproc", "2",
                              "--engine", "fault_engine", f"run_dir={run_dir}", *FAST, *overrides],
-                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=REPO, env={**ENV, "PRETRAIN_FAULT": fault}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def steps_logged(run_dir: Path, after_line: int = 0) -> int:
@@ -50,7 +54,8 @@ def snapshot(folder: Path) -> dict:
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
 
 
-TIMEOUT_S = 60  # distributed.timeout_s: short, yet longer than any wait of a healthy step on a loaded machine
+TIMEOUT_S = 30  # distributed.timeout_s: short, yet longer than any wait of a healthy step on a loaded machine
+SAVE_ALLOWANCE_S = 120  # distributed.checkpoint_timeout_s: longer than the slow save, TIMEOUT_S + OVERTIME_S
 
 
 def training(job: subprocess.Popen, run_dir: Path, past_step: int, after_line: int = 0):
@@ -62,9 +67,16 @@ def training(job: subprocess.Popen, run_dir: Path, past_step: int, after_line: i
     wait_for(trained)
 
 
+def in_a_step(run_dir: Path, rank: int) -> bool:
+    """`rank`'s last heartbeat is a step's, and the save after the next step at the soonest."""
+    beat = progress.read(run_dir, since=0).get(rank)
+    return beat is not None and beat.phase == "step" and (beat.step + 1) % 5 != 0
+
+
 def test_a_busy_run_dir_refuses_a_second_job_a_frozen_rank_is_named_a_killed_launcher_leaves_nothing(tmp_path):
     run_dir = tmp_path / "run"
-    first = start(run_dir, "max_steps=1000", "checkpoint.every=5", f"distributed.timeout_s={TIMEOUT_S}")
+    first = start(run_dir, "max_steps=1000", "checkpoint.every=5", f"distributed.timeout_s={TIMEOUT_S}",
+                  f"distributed.checkpoint_timeout_s={SAVE_ALLOWANCE_S}", fault="slow-save:5:1")
     try:
         training(first, run_dir, 1)
         assert len(job_processes(run_dir)) >= 4  # two ranks, each with a watcher
@@ -83,8 +95,17 @@ def test_a_busy_run_dir_refuses_a_second_job_a_frozen_rank_is_named_a_killed_lau
         training(first, run_dir, at_refusal)  # the first job trains on
         assert first.poll() is None
 
-        # Rank 1 freezes (a wedged device, a stuck read): rank 0's collective gives up after the timeout, the
-        # launcher ends rank 1 after its grace and names it.
+        # Rank 1's save at step 5 outlasts a step's timeout and the launcher's grace; rank 0 waits for it in the
+        # save's collectives, the launcher by the save's allowance, and the job trains on.
+        training(first, run_dir, 5)
+        slow = json.loads((run_dir / "fault.json").read_text())
+        assert (slow["kind"], slow["step"], slow["rank"]) == ("slow-save", 5, 1)
+        print(f"\nFAULT a save of {TIMEOUT_S + OVERTIME_S:.0f} s on rank 1, timeout_s={TIMEOUT_S}, "
+              f"checkpoint_timeout_s={SAVE_ALLOWANCE_S}: the job trained on")
+
+        # Rank 1 freezes in a step (a wedged device, a stuck read): rank 0's collective gives up after the step's
+        # timeout, the launcher ends rank 1 after its grace and names it.
+        wait_for(lambda: in_a_step(run_dir, 1))
         frozen = int((run_dir / "pids" / "rank1").read_text())
         os.kill(frozen, signal.SIGSTOP)
         stopped = time.monotonic()
@@ -94,6 +115,7 @@ def test_a_busy_run_dir_refuses_a_second_job_a_frozen_rank_is_named_a_killed_lau
         assert first.returncode == 1, out[-4000:]
         named = [line for line in out.splitlines() if "stopped making progress" in line]
         assert named and named[-1].startswith(f"[pretrain] rank 1 on {socket.gethostname()}, last seen"), out[-4000:]
+        assert "in phase 'step'" in named[-1].split("; its peers")[0]
         assert "its peers: rank 0 on" in named[-1]
         report = out.rstrip().splitlines()
         assert report[-2] == named[-1] and report[-1].startswith("[pretrain] FAILED")  # not rank 0's "timed out"

@@ -2,6 +2,7 @@
 which both launchers export: gloo on CPU, nccl on GPUs."""
 import os
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -41,6 +42,25 @@ def init_distributed(timeout_s: float = DistributedConfig.timeout_s) -> World:
     deepspeed.init_distributed("nccl" if device.type == "cuda" else "gloo", verbose=False,
                                timeout=timedelta(seconds=timeout_s))
     return World(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def set_collective_timeout(seconds: float):
+    """Every process group of this rank waits up to `seconds` for a peer, from its next operation on (gloo:
+    tests/test_progress.py; NCCL reads the timeout into each new work item). Every group, not only the default one:
+    DeepSpeed runs ZeRO's collectives on a clone of the world group, made by new_group with torch's default timeout
+    (30 minutes on gloo, 10 on NCCL), not the one init_process_group was given."""
+    for group in dist.distributed_c10d._world.pg_map:  # torch has no public list of the groups
+        dist.set_timeout(timedelta(seconds=seconds), group)
+
+
+@contextmanager
+def collective_timeout(seconds: float, after_s: float):
+    """`seconds` for collectives inside the block, `after_s` after it (also for the groups made inside it)."""
+    set_collective_timeout(seconds)
+    try:
+        yield
+    finally:
+        set_collective_timeout(after_s)
 
 
 def seed_everything(seed: int):

@@ -6,7 +6,7 @@ import os
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -18,8 +18,8 @@ from pretrain.engine.backends import apply_cuda_settings, startup_line
 from pretrain.engine.checkpoint import CheckpointManager, convert_for_resume
 from pretrain.engine.compiled import compile_layers
 from pretrain.engine.config_checks import load_config
-from pretrain.engine.distributed import (World, abort, any_rank, init_distributed, mean_over_ranks, seed_everything,
-                                         shutdown, sum_counts_over_ranks)
+from pretrain.engine.distributed import (World, abort, any_rank, collective_timeout, init_distributed, mean_over_ranks,
+                                         seed_everything, shutdown, sum_counts_over_ranks)
 from pretrain.engine.ema import PartitionedEMA, whole_ema
 from pretrain.engine.metrics import MetricsLogger, device_peak_tflops, peak_memory_per_rank, train_flops_per_sample
 from pretrain.engine.optim import deepspeed_config, param_groups, peak_lr, scheduler_factory, zero_optimization
@@ -36,7 +36,7 @@ def run_stage(config_path: str, overrides: list[str] = ()) -> dict:
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*(torch\.distributed|all_gather).*deprecated")
     cfg = load_config(config_path, overrides)
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    Progress(cfg.run_dir, rank, allowance_s=math.inf).beat(0, "convert")  # as long as it takes: no peer waits on it
+    Progress(cfg.run_dir, rank).beat(0, "convert", math.inf)  # as long as it takes: no peer waits on it
     convert_for_resume(cfg.checkpoint_dir, rank, world_size)
     world = init_distributed(cfg.distributed.timeout_s)
     try:
@@ -74,18 +74,22 @@ def build_model(task, cfg: StageConfig, dtype: torch.dtype, device: torch.device
 
 class Trainer:
     def __init__(self, cfg: StageConfig, world: World):
-        import deepspeed
-
-        from pretrain.data import build_train_loader
-
         self.cfg, self.world = cfg, world
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if world.is_main:
             save_resolved(cfg, self.run_dir / "config.yaml")
         preemption.install_handlers()
-        self.progress = Progress(self.run_dir, world.rank, cfg.distributed.timeout_s)
-        self.progress.beat(0, "start")
+        self.progress, self.step = Progress(self.run_dir, world.rank), 0
+        with self._phase("start"):  # loads the checkpoint it resumes from
+            self._build()
+
+    def _build(self):
+        import deepspeed
+
+        from pretrain.data import build_train_loader
+
+        cfg, world = self.cfg, self.world
         apply_cuda_settings(cfg.cuda)
         self.task = build_task(cfg, world)
         self.dtype = DTYPES[cfg.precision]
@@ -126,7 +130,7 @@ class Trainer:
         self.stateful = {"loader": self.loader, "task": self.task}
         if self.ema is not None:
             self.stateful["ema"] = self.ema
-        self.step, self.resumed_from, self.data_resumed = 0, tag, None
+        self.resumed_from, self.data_resumed = tag, None
         if tag is not None:
             self._restore(tag)
         else:
@@ -176,7 +180,7 @@ class Trainer:
                     self._save()
                     metrics.event("paused" if pause else "preempted", step=self.step)
                     return {"status": "preempted", "metrics": {"step": self.step}}
-                self.progress.beat(self.step, "step")
+                self.progress.beat(self.step, "step", cfg.distributed.allowance_s("step"))
                 window.add(self._train_step(batches))
                 self.step += 1
                 metrics.advance()
@@ -238,29 +242,39 @@ class Trainer:
     def _flops_per_sample(self) -> float:
         return train_flops_per_sample(self.task.build, self.task.example_inputs(1))
 
-    # -- checkpoints and evaluation
+    # -- the long phases, checkpoints and evaluation
+
+    @contextmanager
+    def _phase(self, name: str):
+        """A phase with an allowance of its own: its heartbeat says so on entry, and its collectives wait as long for a
+        peer; the step's timeout holds again after it."""
+        allowance_s = self.cfg.distributed.allowance_s(name)
+        self.progress.beat(self.step, name, allowance_s)
+        with collective_timeout(allowance_s, after_s=self.cfg.distributed.timeout_s):
+            yield
 
     def _save(self):
-        self.progress.beat(self.step, "save")
-        self.checkpoints.save(self.engine, self.step, {name: part.state_dict() for name, part in self.stateful.items()})
+        with self._phase("save"):
+            self.checkpoints.save(self.engine, self.step,
+                                  {name: part.state_dict() for name, part in self.stateful.items()})
 
     def evaluate(self) -> dict:
         from pretrain.data import build_eval_loader
 
         if self.cfg.data.val is None and self.cfg.data.demo_root is None:
             return {}
-        self.progress.beat(self.step, "evaluate")
         data = dataclasses.replace(self.cfg.data, format=self.task.eval_format)
-        loader = build_eval_loader(data, rank=self.world.rank, world_size=self.world.size,
-                                   batch_size=self.cfg.batch_size)
-        self.engine.eval()
-        try:
-            # Compiled layers run eagerly here: each evaluation's last, partial batch is a new shape to compile for.
-            with self.ema.swapped_in() if (self.ema and self.cfg.eval.ema) else nullcontext(), \
-                    torch.compiler.set_stance("force_eager"):
-                return self.task.evaluate(self.engine.module, loader, self.dtype)
-        finally:
-            self.engine.train()
+        with self._phase("evaluate"):
+            loader = build_eval_loader(data, rank=self.world.rank, world_size=self.world.size,
+                                       batch_size=self.cfg.batch_size)
+            self.engine.eval()
+            try:
+                # Compiled layers run eagerly here: each evaluation's last, partial batch is a new shape to compile for.
+                with self.ema.swapped_in() if (self.ema and self.cfg.eval.ema) else nullcontext(), \
+                        torch.compiler.set_stance("force_eager"):
+                    return self.task.evaluate(self.engine.module, loader, self.dtype)
+            finally:
+                self.engine.train()
 
 
 class _Window:
