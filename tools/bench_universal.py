@@ -5,6 +5,7 @@ It trains the demo's image-text stage for one step with the named backbone (2 CP
 to get a checkpoint, then converts it as a resume on another number of ranks would, before any process group exists.
 """
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -36,8 +37,9 @@ def main():
         start = time.perf_counter()
         convert_to_universal(directory, tag, world_size=1)
         seconds = time.perf_counter() - start
+        load = os.getloadavg()[1]  # the machine is shared: the 5-minute load says what else ran meanwhile
         print(f"{args.model}: checkpoint of {size / 2**30:.2f} GiB (2 ranks) converted in {seconds:.1f} s "
-              f"({size / 2**20 / seconds:.0f} MiB/s)")
+              f"({size / 2**20 / seconds:.0f} MiB/s), 5-minute load average {load:.1f} at the end")
 
 
 if __name__ == "__main__":

@@ -5,19 +5,20 @@ kill.
 Resuming. A ZeRO-3 checkpoint is converted in ds_to_universal's phases, called one by one, each made of units: the
 extraction of one rank's optimizer shard into per-parameter fragment files (a unit per shard file), the merge of one
 parameter's fragments (a unit per parameter), the common optimizer state, the copy of the model-state files. A unit's
-marker, OUT/progress/NAME, is written only once the unit's files are complete and fsynced, so a rerun into the same OUT
-skips every marked unit and redoes one that a kill cut off (its files are written again, whole). OUT/progress/source.json
-lists the input's files (size, mtime): an OUT left by the conversion of anything else is discarded first. Calling the
-phases one by one uses ds_to_universal's private functions; tests/test_universal_resume.py pins them (the result must
-equal its main()'s, tensor by tensor). Checkpoints of ZeRO stages 0-2 go through its main() in one piece, from scratch
-at every attempt. Neither writes DeepSpeed's `latest_universal`: checkpoint.py names the converted folder by its tag.
+marker, OUT/progress/NAME, is written only once the unit's files are complete and durable (syncfs), so a rerun into the
+same OUT skips every marked unit and redoes one that a kill cut off (its files are written again, whole).
+OUT/progress/source.json lists the input's files (size, mtime): an OUT left by the conversion of anything else is
+discarded first. Calling the phases one by one uses ds_to_universal's private functions; tests/test_universal_resume.py
+pins them (the result must equal its main()'s, tensor by tensor). Checkpoints of ZeRO stages 0-2 go through its main()
+in one piece, from scratch at every attempt. Neither writes DeepSpeed's `latest_universal`: checkpoint.py names the
+converted folder by its tag.
 
 It runs in a process of its own, started by rank 0, because the conversion forks a pool of worker processes: forking is
 only safe while no other Python thread exists (CPython gh-112275: a child forked while another thread holds the
 interpreter's thread-state lock hangs), so tqdm's monitor thread, the one thread the conversion would start, is off.
 The forked workers inherit the weights-only switch and the allowlist.
 """
-import glob
+import ctypes
 import json
 import os
 import shutil
@@ -31,10 +32,11 @@ import tqdm
 from deepspeed.checkpoint import ds_to_universal as ds
 
 from pretrain.engine.safe_loading import UnsafeCheckpointError, weights_only_loads
-from pretrain.fileio import atomic_write_json, atomic_write_text, fsync_dir
+from pretrain.fileio import atomic_write_json
 
 PROGRESS = "progress"
 SOURCE = "source.json"
+LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 def main():
@@ -101,41 +103,47 @@ def convert_zero3(args, model_files, progress: Path):
     if not is_done(progress, "optimizer_state"):
         print("*** 3. Saving common optimizer states")
         ds._save_optimizer_state_stage3(args, optim_files)
-        mark_done(progress, "optimizer_state", [os.path.join(zero_dir, "optimizer_state.pt")])
+        mark_done(progress, "optimizer_state")
     if not args.keep_temp_folder:
         shutil.rmtree(temp_dir, ignore_errors=True)
     if not is_done(progress, "model_states"):
-        copies = [shutil.copy2(f, args.output_folder) for f in model_files]
-        mark_done(progress, "model_states", copies)
+        for model_file in model_files:
+            shutil.copy2(model_file, args.output_folder)
+        mark_done(progress, "model_states")
 
 
 def extract_shard(optim_files_grid, param_shapes_grid, dp_degree, temp_dir, progress: Path, dp_index: int):
     """DeepSpeed's extraction of rank `dp_index`'s optimizer shard into one file per parameter and state, marked."""
     ds.extract_zero_shards_stage3(optim_files_grid, param_shapes_grid, dp_degree, temp_dir, (0, dp_index))
-    fragments = glob.glob(os.path.join(glob.escape(temp_dir), "*", "0", f"*.{ds.dp_index_to_str(dp_index)}"))
-    mark_done(progress, f"extract.{dp_index}", fragments)
+    mark_done(progress, f"extract.{dp_index}")
 
 
 def merge_parameter(dp_degree, zero_dir, temp_dir, progress: Path, name: str):
     """DeepSpeed's merge of one parameter's fragments into its fp32, exp_avg and exp_avg_sq files, marked."""
     ds.merge_zero3_slices(dp_degree, zero_dir, temp_dir, name)
-    mark_done(progress, "merge." + name, glob.glob(os.path.join(glob.escape(zero_dir), glob.escape(name), "*.pt")))
+    mark_done(progress, "merge." + name)
 
 
 def is_done(progress: Path, unit: str) -> bool:
     return (progress / unit).is_file()
 
 
-def mark_done(progress: Path, unit: str, files: list[str]):
-    """Make `files` (the unit's output) durable, their directory entries included, then write the unit's marker."""
-    output, folders = progress.parent, set()
-    for path in files:
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-        folders.update(folder for folder in Path(path).parents if folder == output or output in folder.parents)
-    for folder in folders:
-        fsync_dir(folder)
-    atomic_write_text(progress / unit, "")
+def mark_done(progress: Path, unit: str):
+    """Make everything written so far durable, then mark `unit` done. The marker is an empty file, whole as soon as it
+    exists; if a crash loses it, the unit is merely done again."""
+    sync_filesystem(progress)
+    (progress / unit).touch()
+
+
+def sync_filesystem(path: Path):
+    """syncfs(2) of the file system holding `path`: its written files and their directory entries made durable in one
+    call, where an fsync per file would commit the file system's journal once per fragment (thousands a shard)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if LIBC.syncfs(fd) != 0:
+            raise OSError(ctypes.get_errno(), f"syncfs of {path} failed")
+    finally:
+        os.close(fd)
 
 
 if __name__ == "__main__":
