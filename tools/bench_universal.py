@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pretrain.engine.checkpoint import convert_to_universal, newest_complete, read_manifest  # noqa: E402
+from pretrain.engine.safe_loading import load_file  # noqa: E402
 
 
 def main():
@@ -34,11 +35,14 @@ def main():
         directory = run_dir / "checkpoints"
         tag = newest_complete(directory)
         size = sum(read_manifest(directory / tag)["files"].values())
+        shapes = load_file(directory / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt")["param_shapes"]
+        params = sum(shape.numel() for group in shapes for shape in group.values())
         start = time.perf_counter()
         convert_to_universal(directory, tag, world_size=1)
         seconds = time.perf_counter() - start
         load = os.getloadavg()[1]  # the machine is shared: the 5-minute load says what else ran meanwhile
-        print(f"{args.model}: checkpoint of {size / 2**30:.2f} GiB (2 ranks) converted in {seconds:.1f} s "
+        print(f"{args.model}: checkpoint of {params / 1e6:.0f}M parameters (the text tower's included), "
+              f"{size / 2**30:.2f} GiB (2 ranks), converted in {seconds:.1f} s "
               f"({size / 2**20 / seconds:.0f} MiB/s), 5-minute load average {load:.1f} at the end")
 
 
