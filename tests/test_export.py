@@ -65,12 +65,14 @@ def held_out_batches(cfg, batch_size=128):
     from PIL import Image
     import io
 
+    from pretrain.data import DeviceBatch
     from pretrain.data.demo import demo_samples
     from pretrain.data.transforms import eval_transform
 
     transform = eval_transform(cfg.data)
     samples = demo_samples(cfg.data.image_size)["image-text"]["val"]
-    images = torch.stack([transform(Image.open(io.BytesIO(s["png"])).convert("RGB")) for s in samples])
+    pixels = torch.stack([transform(Image.open(io.BytesIO(s["png"])).convert("RGB")) for s in samples])
+    images = DeviceBatch(cfg.data, torch.device("cpu"), training=False).images(pixels)
     labels = torch.tensor([s["cls"] for s in samples])
     return [{"image": images[i:i + batch_size], "label": labels[i:i + batch_size]}
             for i in range(0, len(labels), batch_size)]

@@ -83,7 +83,7 @@ ROWS = {  # hyper-parameter: (the release's value from its config, ours from the
                              lambda c: (c.data.augment.mixup, c.data.augment.cutmix)),
     "RandAugment": (lambda r: r["AUG.AUTO_AUGMENT"], lambda c: c.data.augment.randaugment),
     "colour jitter": (lambda r: r["AUG.COLOR_JITTER"], lambda c: 0.4 if _transform_has(c, v2.ColorJitter) else None),
-    "random erasing": (lambda r: r["AUG.REPROB"], lambda c: 0.25 if _transform_has(c, v2.RandomErasing) else 0.0),
+    "random erasing": (lambda r: r["AUG.REPROB"], lambda c: c.data.augment.random_erasing),
     "interpolation": (lambda r: r["DATA.INTERPOLATION"],
                       lambda c: train_transform(c.data).transforms[0].interpolation.value),
     "eval crop (crop_pct)": (lambda r: 1.0 if r["TEST.CROP"] else None, lambda c: c.data.augment.eval_crop_pct),

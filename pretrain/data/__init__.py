@@ -6,7 +6,7 @@ Interface for the training engine:
     loader = build_train_loader(cfg, rank=r, world_size=w, batch_size=b, seed=s)
     loader.load_state_dict(ckpt["data"])              # per rank; optional
     for step, batch in zip(range(start, total), loader):   # endless, epoch after epoch
-        batch["image"]    # float (B, 3, H, W), normalised
+        batch["image"]    # uint8 (B, 3, H, W): DeviceBatch moves it to the device, converts and normalises it there
         batch["text"]     # long (B, context_length)      -- data.format "image-text"
         batch["label"]    # long (B,)                      -- data.format "classification"
         batch["skipped"]  # {reason: count} since the previous batch (from the worker): bad samples skipped, and
@@ -15,6 +15,9 @@ Interface for the training engine:
     loader.steps_per_epoch, loader.epoch
 
     build_eval_loader(cfg, rank=r, world_size=w, batch_size=b)  # finite; each val sample once across ranks
+    DeviceBatch(cfg, device, training)(batch)         # the batch on the device, "image" float and normalised (and
+                                                      # randomly erased in training, data.augment.random_erasing)
+    DeviceLoader(eval_loader, DeviceBatch(...))       # evaluation batches with their images so prepared
     build_mixup(cfg, num_classes, seed=s)             # BatchMixup (images, labels) -> (images, soft targets), or None
     get_tokenizer(context_length)                     # CLIP BPE, tokenizer(list_of_texts) -> (N, context_length)
     zero_shot_classes()                               # demo: (class names, prompt templates)
@@ -31,6 +34,7 @@ _HOMES = {  # each name of the interface -> its module, imported on first use (P
     **dict.fromkeys(["Augment", "DataConfig", "Limits", "Source", "data_config_from_dict"], "pretrain.data.config"),
     **dict.fromkeys(["ensure_demo_shards", "zero_shot_classes"], "pretrain.data.demo"),
     **dict.fromkeys(["TrainLoader", "build_eval_loader", "build_train_loader"], "pretrain.data.loader"),
+    **dict.fromkeys(["DeviceBatch", "DeviceLoader"], "pretrain.data.device_batch"),
     "build_mixup": "pretrain.data.mixup",
     "get_tokenizer": "pretrain.data.tokenizer",
 }

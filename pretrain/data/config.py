@@ -36,7 +36,8 @@ class Source:
 
 @dataclass
 class Augment:
-    """Image augmentation. Pretraining uses the crop and flip; fine-tuning may add timm's RandAugment and mixup/cutmix."""
+    """Image augmentation. Pretraining uses the crop and flip; fine-tuning may add timm's RandAugment, random erasing and
+    mixup/cutmix."""
 
     crop_scale: tuple[float, float] = (0.08, 1.0)
     """Area range of RandomResizedCrop, as a fraction of the image."""
@@ -52,6 +53,9 @@ class Augment:
     """Probability of applying mixup or cutmix to a batch."""
     switch_prob: float = 0.5
     """Probability of cutmix instead of mixup when both are enabled."""
+    random_erasing: float = 0.0
+    """Probability that timm's RandomErasing erases a box of an image (classification only): on the device, after the
+    normalisation, in training only (device_batch.py), with the release's mode (per-pixel normal noise) and count (1)."""
     label_smoothing: float = 0.0
     """Label smoothing; folded into the soft targets when mixup/cutmix is on, else the trainer's cross-entropy uses it."""
     eval_crop_pct: float = 0.875
@@ -64,7 +68,7 @@ class Augment:
         low, high = self.crop_scale
         if not 0 < low <= high <= 1:
             raise ValueError(f"data.augment.crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
-        for name in ("hflip", "mix_prob", "switch_prob"):
+        for name in ("hflip", "mix_prob", "switch_prob", "random_erasing"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"data.augment.{name} is a probability, got {getattr(self, name)}")
         if self.mixup < 0 or self.cutmix < 0:
@@ -150,8 +154,9 @@ class DataConfig:
         if self.workers < 0 or self.image_size <= 0 or self.context_length <= 0 or self.shuffle_buffer <= 0:
             raise ValueError("data.workers must be >= 0; image_size, context_length, shuffle_buffer must be > 0")
         augment = self.augment
-        if self.format == "image-text" and (augment.randaugment or augment.mixup or augment.cutmix):
-            raise ValueError("data.augment.randaugment/mixup/cutmix apply to classification only")
+        if self.format == "image-text" and (augment.randaugment or augment.mixup or augment.cutmix
+                                            or augment.random_erasing):
+            raise ValueError("data.augment.randaugment/mixup/cutmix/random_erasing apply to classification only")
 
 
 def data_config_from_dict(section: dict) -> DataConfig:

@@ -358,7 +358,7 @@ class EvalLoader:
     def placeholder(self) -> dict:
         """One sample of zeros, shaped as a real batch."""
         size = self.cfg.image_size
-        batch = {"image": torch.zeros(1, 3, size, size), "label": torch.zeros(1, dtype=torch.long), "skipped": {}}
+        batch = {"image": torch.zeros(1, 3, size, size, dtype=torch.uint8), "label": torch.zeros(1, dtype=torch.long), "skipped": {}}
         if self.cfg.format == "image-text":
             batch["text"] = torch.zeros(1, self.cfg.context_length, dtype=torch.long)
             batch["has_text"] = torch.zeros(1, dtype=torch.bool)

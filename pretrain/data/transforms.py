@@ -1,22 +1,10 @@
-"""PIL image -> normalised float tensor, with torchvision transforms v2 (and timm's RandAugment for fine-tuning)."""
-import torch
+"""PIL image -> uint8 CHW tensor, with torchvision transforms v2 (and timm's RandAugment for fine-tuning). Every step
+works on the uint8 pixels; the float conversion and normalisation run on the device (device_batch.py)."""
 from PIL import Image
 from timm.data.auto_augment import rand_augment_transform
 from torchvision.transforms import v2
 
 from pretrain.data.config import DataConfig
-
-
-def contiguous(image: torch.Tensor) -> torch.Tensor:
-    return image.contiguous()
-
-
-def _to_normalised_tensor(cfg: DataConfig) -> list:
-    """uint8 PIL -> normalised float CHW. PILToTensor returns a permuted view of the HWC pixels: made contiguous first,
-    the float conversion and normalisation run ~1.6x faster; the 1/255 scaling is folded into the normalisation."""
-    mean = [255 * m for m in cfg.augment.mean]
-    std = [255 * s for s in cfg.augment.std]
-    return [v2.PILToTensor(), v2.Lambda(contiguous), v2.ToDtype(torch.float32), v2.Normalize(mean, std)]
 
 
 def train_transform(cfg: DataConfig) -> v2.Compose:
@@ -33,7 +21,7 @@ def train_transform(cfg: DataConfig) -> v2.Compose:
             interpolation=Image.BICUBIC,
         )
         steps.append(rand_augment_transform(augment.randaugment, hparams))
-    return v2.Compose(steps + _to_normalised_tensor(cfg))
+    return v2.Compose([*steps, v2.PILToTensor()])
 
 
 def eval_transform(cfg: DataConfig) -> v2.Compose:
@@ -42,5 +30,5 @@ def eval_transform(cfg: DataConfig) -> v2.Compose:
     return v2.Compose([
         v2.Resize(resize, interpolation=v2.InterpolationMode.BICUBIC),
         v2.CenterCrop(cfg.image_size),
-        *_to_normalised_tensor(cfg),
+        v2.PILToTensor(),
     ])

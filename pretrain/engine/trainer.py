@@ -87,7 +87,7 @@ class Trainer:
     def _build(self):
         import deepspeed
 
-        from pretrain.data import build_train_loader
+        from pretrain.data import DeviceBatch, build_train_loader
 
         cfg, world = self.cfg, self.world
         apply_cuda_settings(cfg.cuda)
@@ -124,6 +124,7 @@ class Trainer:
         self.checkpoints.attach(self.engine)
         self.loader = build_train_loader(cfg.data, rank=world.rank, world_size=world.size,
                                          batch_size=cfg.batch_size, seed=cfg.seed)
+        self.device_batch = DeviceBatch(cfg.data, world.device, training=True)
         self.ema = PartitionedEMA(self.engine.module, cfg.ema_decay) if cfg.ema_decay else None
         # Everything a rank checkpoints beside DeepSpeed's own state, each with state_dict/load_state_dict. A new
         # stateful part is one line here.
@@ -207,7 +208,7 @@ class Trainer:
             batch = next(batches)
             for reason, count in batch.get("skipped", {}).items():
                 skipped[reason] = skipped.get(reason, 0) + count
-            loss, extra = self.task.loss(self.engine, self._to_device(batch), self.dtype)
+            loss, extra = self.task.loss(self.engine, self.device_batch(batch), self.dtype)
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.detach())  # a tensor: reading it would wait for the device, and is left to log steps
@@ -219,9 +220,6 @@ class Trainer:
             self.ema.update()
         return {"loss": torch.stack(losses).mean(), "skipped": skipped, "samples": len(losses) * self.cfg.batch_size,
                 **extra}
-
-    def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.world.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def _report(self, window: "_Window", flops_per_sample: float) -> dict:
         device = self.world.device
@@ -259,14 +257,15 @@ class Trainer:
                                   {name: part.state_dict() for name, part in self.stateful.items()})
 
     def evaluate(self) -> dict:
-        from pretrain.data import build_eval_loader
+        from pretrain.data import DeviceBatch, DeviceLoader, build_eval_loader
 
         if self.cfg.data.val is None and self.cfg.data.demo_root is None:
             return {}
         data = dataclasses.replace(self.cfg.data, format=self.task.eval_format)
         with self._phase("evaluate"):
-            loader = build_eval_loader(data, rank=self.world.rank, world_size=self.world.size,
-                                       batch_size=self.cfg.batch_size)
+            loader = DeviceLoader(build_eval_loader(data, rank=self.world.rank, world_size=self.world.size,
+                                                    batch_size=self.cfg.batch_size),
+                                  DeviceBatch(data, self.world.device, training=False))
             self.engine.eval()
             try:
                 # Compiled layers run eagerly here: each evaluation's last, partial batch is a new shape to compile for.

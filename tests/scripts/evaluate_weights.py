@@ -12,7 +12,7 @@ def main():
     import torch.distributed as dist
     from safetensors.torch import load_file
 
-    from pretrain.data import build_eval_loader
+    from pretrain.data import DeviceBatch, DeviceLoader, build_eval_loader
     from pretrain.engine.config_checks import load_config
     from pretrain.engine.distributed import World
     from pretrain.engine.tasks import build_task
@@ -24,8 +24,9 @@ def main():
     task = build_task(cfg, world)
     model = task.build(nullcontext())
     model.load_state_dict(load_file(weights), strict=True)
-    loader = build_eval_loader(dataclasses.replace(cfg.data, format=task.eval_format), rank=0, world_size=1,
-                               batch_size=cfg.batch_size)
+    data = dataclasses.replace(cfg.data, format=task.eval_format)
+    loader = DeviceLoader(build_eval_loader(data, rank=0, world_size=1, batch_size=cfg.batch_size),
+                          DeviceBatch(data, world.device, training=False))
     print(json.dumps(task.evaluate(model.eval(), loader, torch.float32)))
     dist.destroy_process_group()
 

@@ -47,6 +47,8 @@ class Task:
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module, loader, dtype: torch.dtype) -> dict[str, float]:
+        """`loader`: evaluation batches whose images are on the device and normalised (data.DeviceLoader), their
+        other tensors on the host; iterated through `lockstep`."""
         raise NotImplementedError
 
     def state_dict(self) -> dict:
