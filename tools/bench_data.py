@@ -1,8 +1,9 @@
 """Data pipeline throughput, ours beside open_clip's own webdataset pipeline, on the same shards.
 
 Both read the same img2dataset-layout shards of 256x256 JPEGs with captions, in resampled (pretraining) mode, and do
-decode + RandomResizedCrop(224, scale 0.9-1, bicubic) + normalise + CLIP BPE tokenise + batch. Ours is built with
-flips off and open_clip's crop scale, so the work is the same. open_clip's pipeline is `open_clip_train.data.
+decode + RandomResizedCrop(224, scale 0.9-1, bicubic) + CLIP BPE tokenise + batch. Ours is built with flips off and
+open_clip's crop scale; open_clip's workers also normalise to fp32, ours send uint8 and leave the normalisation to the
+device (pretrain/data/device_batch.py), so ours does that much less per sample. open_clip's pipeline is `open_clip_train.data.
 get_wds_dataset`'s stage list rebuilt from its own pieces (see open_clip_pipeline for the one swap), with its
 preprocess `open_clip.image_transform(224, is_train=True)` and the same tokenizer.
 

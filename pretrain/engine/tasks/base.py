@@ -43,7 +43,8 @@ class Task:
         return (torch.zeros(batch_size, 3, size, size),)
 
     def loss(self, model: nn.Module, batch: dict, dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The batch's loss and any other figures to log, as tensors: the trainer reads them on log steps only."""
+        """The batch's loss and any other figures to log, as tensors: the trainer reads them on log steps only. The
+        batch is on the device, its image normalised (and randomly erased where configured) by data.DeviceBatch."""
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module, loader, dtype: torch.dtype) -> dict[str, float]:
