@@ -30,8 +30,9 @@ class DeviceBatch:
         return self.erasing(images) if self.erasing is not None else images
 
     def __call__(self, batch: dict) -> dict:
-        moved = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        return {**moved, "image": self.images(batch["image"])}
+        moved = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) and k != "image" else v
+                 for k, v in batch.items()}
+        return {**moved, "image": self.images(batch["image"])}  # the image copied once, by images()
 
 
 class DeviceLoader:
